@@ -1,0 +1,1 @@
+"""Array adapters behind :class:`ckptfmt._backend.ArrayBackend`, installed as ``ckptfmt.backends``."""

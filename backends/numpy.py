@@ -1,0 +1,39 @@
+"""The numpy adapter: numpy arrays and scalars (ml_dtypes' bfloat16/float8 included)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ckptfmt._backend import register_backend
+from ckptfmt._dtypes import DType, from_numpy, numpy_dtype
+
+
+class NumpyBackend:
+    """Arrays are their own host view; loads are returned as they come off the file."""
+
+    name = "numpy"
+
+    def is_array(self, obj: Any) -> bool:
+        """numpy arrays and numpy scalars (not Python scalars)."""
+        return isinstance(obj, (np.ndarray, np.generic)) and not isinstance(obj, np.object_)
+
+    def host_view(self, obj: Any) -> tuple[np.ndarray, DType, bool]:
+        """The array itself; a scalar becomes a 0-d array flagged as scalar."""
+        if isinstance(obj, np.generic):
+            arr = np.asarray(obj)
+            return arr, from_numpy(arr.dtype), True
+        return obj, from_numpy(obj.dtype), False
+
+    def from_host(self, array: np.ndarray, dtype: DType, *, scalar: bool, device: str | None) -> Any:
+        """The array, viewed as ``dtype``'s numpy type; a scalar comes back as a numpy scalar."""
+        if device not in (None, "cpu"):
+            raise ValueError(f"the numpy backend holds arrays on the host only, not on {device!r}")
+        if array.dtype != numpy_dtype(dtype):
+            array = array.view(numpy_dtype(dtype))
+        return array[()] if scalar else array
+
+
+BACKEND = NumpyBackend()
+register_backend(BACKEND, modules=("numpy", "ml_dtypes"))

@@ -1,0 +1,62 @@
+"""ckptfmt: a versioned, checksummed, streaming checkpoint container (spec/FORMAT.md).
+
+    >>> import ckptfmt
+    >>> ckptfmt.save("model.ckpt", {"w": array, "step": 10})
+    >>> state = ckptfmt.load("model.ckpt")
+"""
+
+from __future__ import annotations
+
+from ._api import __version__, diff, inspect, load, open, save, verify
+from ._backend import ArrayBackend, get_backend, register_backend
+from ._manifest import Limits, TensorEntry
+from ._reader import Checkpoint, TensorInfo, VerifyReport
+from ._versions import FORMAT_MAJOR, FORMAT_MINOR
+from .errors import (
+    BadMagicError,
+    CheckpointError,
+    CheckpointKeyError,
+    CheckpointNotFoundError,
+    ChecksumMismatchError,
+    CorruptCheckpointError,
+    InvalidKeyError,
+    InvalidMetadataError,
+    MetadataLimitError,
+    TruncatedCheckpointError,
+    UnsupportedDTypeError,
+    UnsupportedObjectError,
+    UnsupportedVersionError,
+)
+
+__all__ = [
+    "FORMAT_MAJOR",
+    "FORMAT_MINOR",
+    "ArrayBackend",
+    "BadMagicError",
+    "Checkpoint",
+    "CheckpointError",
+    "CheckpointKeyError",
+    "CheckpointNotFoundError",
+    "ChecksumMismatchError",
+    "CorruptCheckpointError",
+    "InvalidKeyError",
+    "InvalidMetadataError",
+    "Limits",
+    "MetadataLimitError",
+    "TensorEntry",
+    "TensorInfo",
+    "TruncatedCheckpointError",
+    "UnsupportedDTypeError",
+    "UnsupportedObjectError",
+    "UnsupportedVersionError",
+    "VerifyReport",
+    "__version__",
+    "diff",
+    "get_backend",
+    "inspect",
+    "load",
+    "open",
+    "register_backend",
+    "save",
+    "verify",
+]

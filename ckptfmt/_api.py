@@ -1,0 +1,182 @@
+"""The user-facing functions: save, load, open, verify, inspect, diff."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+from collections.abc import Iterable
+from typing import Any
+
+import msgpack
+import numpy as np
+
+from ._atomic import atomic_write
+from ._backend import ArrayBackend, backend_for
+from ._dtypes import DType, numpy_dtypes
+from ._header import DEFAULT_ALIGNMENT, check_alignment
+from ._manifest import EXT_SCALAR, Limits, TreeEncoder, check_plain, tensor_ref
+from ._reader import Checkpoint, VerifyReport, plain, walk_leaves
+from ._writer import Writer
+from .errors import CheckpointNotFoundError, CorruptCheckpointError, UnsupportedObjectError, UnsupportedVersionError
+
+__version__ = "0.1.0"
+PRODUCER = {"name": "ckptfmt", "version": __version__}
+
+
+def _collect(obj: Any) -> tuple[Any, int, list[tuple[np.ndarray, DType]]]:
+    """Encode the tree, listing each distinct array once (the same object twice is stored once).
+
+    Returns the encoded tree, its ``tree_size`` and the arrays in table order.
+    """
+    arrays: list[tuple[np.ndarray, DType]] = []
+    seen: dict[int, tuple[Any, Any]] = {}
+    by_numpy = numpy_dtypes()
+
+    def add_array(leaf: Any) -> Any:
+        hit = seen.get(id(leaf))
+        if hit is not None:
+            return hit[1]
+        if type(leaf) is np.ndarray and leaf.dtype in by_numpy:  # the common case, without dispatch
+            view, dtype, scalar = leaf, by_numpy[leaf.dtype], False
+        else:
+            be = backend_for(leaf)
+            if be is None:
+                return None
+            view, dtype, scalar = be.host_view(leaf)
+        row = len(arrays)
+        enc = msgpack.ExtType(EXT_SCALAR, row.to_bytes(4, "little")) if scalar else row
+        seen[id(leaf)] = (leaf, enc)  # holding the leaf keeps its id from being reused during this save
+        arrays.append((view, dtype))
+        return enc
+
+    encoder = TreeEncoder(add_array)
+    tree = encoder.encode(obj)
+    return tree, encoder.size, arrays
+
+
+def save(path: str | os.PathLike[str], obj: Any, *, metadata: dict[str, Any] | None = None,
+         alignment: int | None = None, checksum: bool = True, durable: bool = True) -> None:
+    """Write ``obj`` (nested dicts/lists/tuples of arrays and plain values) to ``path``, atomically.
+
+    The previous file at ``path`` is replaced only once the new one is complete (and, with
+    ``durable``, fsynced with its directory); on any failure it is left as it was. ``metadata`` is
+    a dict of plain values (str, int, float, bool, bytes, None, lists and dicts of them).
+    """
+    align = check_alignment(DEFAULT_ALIGNMENT if alignment is None else alignment)
+    tree, tree_size, arrays = _collect(obj)
+    user = {} if metadata is None else metadata
+    if not isinstance(user, dict):
+        raise UnsupportedObjectError(f"metadata must be a dict, not {type(user).__name__}")
+    check_plain(user)
+    created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+    with atomic_write(os.fspath(path), durable=durable) as fd:
+        writer = Writer(fd, alignment=align, checksum=checksum)
+        try:
+            writer.write_blobs(arrays)
+        except BaseException:
+            writer.close()
+            raise
+        writer.finish(tree, tree_size=tree_size, producer=PRODUCER, created=created, user=user)
+
+
+def open(path: str | os.PathLike[str], *, limits: Limits | None = None) -> Checkpoint:  # noqa: A001
+    """Open a checkpoint lazily: validates the structure and metadata, reads no tensor data."""
+    return Checkpoint(path, limits=limits)
+
+
+def load(path: str | os.PathLike[str], *, keys: Iterable[str] | str | None = None, verify: bool = True,
+         mmap: bool = True, backend: str | ArrayBackend = "numpy", device: str | None = None,
+         limits: Limits | None = None) -> Any:
+    """Read a checkpoint back: the whole object, or ``{key: value}`` for the key paths in ``keys``.
+
+    ``mmap=True`` returns read-only zero-copy views of a memory map; ``mmap=False`` reads into fresh
+    writable arrays (the better choice on network filesystems). With ``verify``, each blob read is
+    checked against its checksum first.
+    """
+    with Checkpoint(path, limits=limits) as ckpt:
+        return ckpt.load(keys=keys, verify=verify, mmap=mmap, backend=backend, device=device)
+
+
+def verify(path: str | os.PathLike[str], *, limits: Limits | None = None) -> VerifyReport:
+    """Check a whole file; corruption is reported (``report.ok`` False), a missing file raises."""
+    try:
+        ckpt = Checkpoint(path, limits=limits)
+    except CheckpointNotFoundError:
+        raise
+    except (CorruptCheckpointError, UnsupportedVersionError) as e:
+        return VerifyReport(os.fspath(path), ok=False, errors=[str(e)])
+    with ckpt:
+        return ckpt.verify()
+
+
+def _describe(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return {"type": "bytes", "len": len(value)}
+    return value
+
+
+def inspect(path: str | os.PathLike[str], *, limits: Limits | None = None) -> dict[str, Any]:
+    """A JSON-ready summary: version, sizes, dtypes, every leaf (tensor info or value) and the metadata."""
+    with Checkpoint(path, limits=limits) as ckpt:
+        tt = ckpt.manifest.tensors
+        leaves = []
+        dtypes: dict[str, int] = {}
+        for key, leaf in walk_leaves(ckpt.manifest.tree):
+            ref = tensor_ref(leaf)
+            if ref is not None:
+                e = tt.entry(ref[0])
+                leaves.append({"key": key, "kind": "scalar" if ref[1] else "tensor", "dtype": e.dtype,
+                               "shape": list(e.shape), "nbytes": e.nbytes, "offset": e.offset, "row": e.index})
+            else:
+                value = plain(leaf)
+                leaves.append({"key": key, "kind": "value", "type": type(value).__name__, "value": _describe(value)})
+        for i in range(len(tt)):
+            name = tt.dtype_names[int(tt.dtype_code[i])]
+            dtypes[name] = dtypes.get(name, 0) + int(tt.nbytes[i])
+        return {
+            "path": ckpt.path,
+            "format_version": f"{ckpt.header.major}.{ckpt.header.minor}",
+            "file_size": ckpt.file_size,
+            "alignment": ckpt.header.alignment,
+            "tensor_count": len(tt),
+            "tensor_bytes": int(tt.nbytes.sum()) if len(tt) else 0,
+            "checksummed": tt.checksum is not None,
+            "dtype_bytes": dtypes,
+            "producer": ckpt.producer,
+            "created": ckpt.created,
+            "metadata": _jsonable(ckpt.metadata),
+            "leaves": leaves,
+        }
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    return _describe(plain(x))
+
+
+def diff(a: str | os.PathLike[str], b: str | os.PathLike[str], *, limits: Limits | None = None
+         ) -> dict[str, list[str]]:
+    """Which leaves differ between two checkpoints: ``only_a``, ``only_b``, ``changed`` key paths."""
+    with Checkpoint(a, limits=limits) as ca, Checkpoint(b, limits=limits) as cb:
+        la = dict(walk_leaves(ca.manifest.tree))
+        lb = dict(walk_leaves(cb.manifest.tree))
+        changed = [k for k in la if k in lb and not _same_leaf(ca, la[k], cb, lb[k])]
+        return {"only_a": [k for k in la if k not in lb], "only_b": [k for k in lb if k not in la],
+                "changed": changed}
+
+
+def _same_leaf(ca: Checkpoint, x: Any, cb: Checkpoint, y: Any) -> bool:
+    rx, ry = tensor_ref(x), tensor_ref(y)
+    if rx is None or ry is None:
+        return rx is None and ry is None and type(plain(x)) is type(plain(y)) and plain(x) == plain(y)
+    ea, eb = ca.entry(rx[0]), cb.entry(ry[0])
+    if (ea.dtype, ea.shape, ea.nbytes, rx[1]) != (eb.dtype, eb.shape, eb.nbytes, ry[1]):
+        return False
+    if ea.checksum is not None and eb.checksum is not None and ea.checksum != eb.checksum:
+        return False
+    ra = ca.read_rows([rx[0]])[rx[0]].reshape(-1).view(np.uint8)
+    rb = cb.read_rows([ry[0]])[ry[0]].reshape(-1).view(np.uint8)
+    return bool(np.array_equal(ra, rb))

@@ -1,0 +1,566 @@
+"""The metadata map: the object tree, the columnar tensor table, producer and user metadata (spec §4).
+
+Untrusted bytes become a :class:`Manifest` only through :func:`parse_manifest`, which applies every
+validation rule of §8 that does not need the blob bytes themselves.
+"""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+import numpy as np
+
+from ._dtypes import DTYPES
+from ._header import HEADER_SIZE
+from ._versions import FORMAT_MINOR
+from .errors import CheckpointError, InvalidKeyError, InvalidMetadataError, MetadataLimitError, UnsupportedObjectError
+
+EXT_TENSOR = 1
+EXT_TUPLE = 2
+EXT_SCALAR = 3
+EXT_INT = 4
+_U64 = np.dtype("<u8")
+_U8 = np.dtype("u1")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Caps a reader applies to untrusted metadata before trusting it (spec §8.1); all configurable."""
+
+    max_metadata_bytes: int = 256 << 20
+    max_depth: int = 64
+    max_tensors: int = 1 << 24
+    max_ndim: int = 64
+
+
+@dataclass(frozen=True, slots=True)
+class TensorRef:
+    """A decoded array-scalar leaf (ext 3): row ``index`` of the tensor table, returned as a scalar.
+
+    In a decoded tree a plain ``int`` (exactly type int) is a tensor reference (§4.2); plain integer
+    values decode as :class:`PlainInt`.
+    """
+
+    index: int
+    scalar: bool = True
+
+
+class PlainInt(int):
+    """An integer value of the tree (ext 4), told apart from tensor references by its type."""
+
+
+def tensor_ref(node: Any) -> tuple[int, bool] | None:
+    """(row, is_scalar) if ``node`` is a tensor leaf of a decoded tree, else None."""
+    t = type(node)
+    if t is int:
+        return node, False
+    if t is TensorRef:
+        return node.index, True
+    return None
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """One row of the tensor table (§4.3): what a blob holds and where."""
+
+    index: int
+    dtype: str
+    shape: tuple[int, ...]
+    offset: int
+    nbytes: int
+    checksum: int | None
+
+
+@dataclass
+class TensorTable:
+    """The tensor table as columns, so that a million rows cost a few numpy arrays, not a million objects."""
+
+    dtype_names: list[str]
+    dtype_code: np.ndarray
+    ndim: np.ndarray
+    shape_flat: np.ndarray
+    offset: np.ndarray
+    nbytes: np.ndarray
+    checksum: np.ndarray | None
+    _shape_start: np.ndarray | None = field(default=None, repr=False)
+    _shapes: list[int] | None = field(default=None, repr=False)
+    _starts: list[int] | None = field(default=None, repr=False)
+
+    def __len__(self) -> int:
+        return len(self.offset)
+
+    def shape(self, i: int) -> tuple[int, ...]:
+        """Shape of row ``i``."""
+        if self._shapes is None:
+            self._shapes = self.shape_flat.tolist()
+            ndim = self.ndim.astype(np.int64)
+            self._starts = (np.cumsum(ndim) - ndim).tolist()
+        assert self._starts is not None
+        s = self._starts[i]
+        return tuple(self._shapes[s : s + int(self.ndim[i])])
+
+    def entry(self, i: int) -> TensorEntry:
+        """Row ``i`` as a :class:`TensorEntry`."""
+        return TensorEntry(
+            index=i,
+            dtype=self.dtype_names[int(self.dtype_code[i])],
+            shape=self.shape(i),
+            offset=int(self.offset[i]),
+            nbytes=int(self.nbytes[i]),
+            checksum=None if self.checksum is None else int(self.checksum[i]),
+        )
+
+    def pack(self) -> dict[str, Any]:
+        """The ``tensors`` map as written to the file."""
+        out: dict[str, Any] = {
+            "count": len(self),
+            "dtypes": self.dtype_names,
+            "dtype": self.dtype_code.astype(_U8).tobytes(),
+            "ndim": self.ndim.astype(_U8).tobytes(),
+            "shape": self.shape_flat.astype(_U64).tobytes(),
+            "offset": self.offset.astype(_U64).tobytes(),
+            "nbytes": self.nbytes.astype(_U64).tobytes(),
+        }
+        if self.checksum is not None:
+            out["checksum"] = self.checksum.astype(_U64).tobytes()
+        return out
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """The parsed metadata map (§4.1)."""
+
+    tree: Any
+    tensors: TensorTable
+    producer: dict[str, Any]
+    created: str
+    user: dict[str, Any]
+    #: top-level keys this reader does not know (from a later minor version), kept verbatim.
+    unknown: dict[str, Any]
+
+
+# ------------------------------------------------------------------ writing
+
+
+class _EncodeError(Exception):
+    """Internal: an unsupported value, with the key path filled in as the error unwinds."""
+
+    def __init__(self, make: Callable[[str], CheckpointError]) -> None:
+        self.make = make
+        self.path: list[str | int] = []
+
+
+class TreeEncoder:
+    """Turns a user object into a msgpack-ready tree (§4.2), handing each array leaf to ``add_array``.
+
+    ``add_array(leaf)`` returns the leaf's encoding (a tensor-table row, or an ext for array
+    scalars), or None when the leaf is not an array.
+    """
+
+    def __init__(self, add_array: Callable[[Any], Any], *, max_depth: int = Limits.max_depth) -> None:
+        self._add_array = add_array
+        self._max_depth = max_depth
+        #: values held by all maps, arrays and tuples encoded so far (§4.2 ``tree_size``)
+        self.size = 0
+
+    def encode(self, obj: Any) -> Any:
+        """Encode ``obj``; raises :class:`UnsupportedObjectError` naming the key path of a bad value."""
+        try:
+            return self._encode(obj, 0)
+        except _EncodeError as e:
+            raise e.make(_where(tuple(reversed(e.path)))) from None
+
+    def _encode(self, obj: Any, depth: int) -> Any:
+        t = type(obj)
+        if t is dict:
+            return self._encode_dict(obj, depth)
+        if t is str or t is float or t is bool or obj is None or t is bytes:
+            return obj
+        if t is int:
+            return _encode_int(obj)
+        enc = self._add_array(obj)
+        if enc is not None:
+            return enc
+        if depth >= self._max_depth and isinstance(obj, (dict, list, tuple)):
+            raise _EncodeError(lambda w: UnsupportedObjectError(f"{w}: nesting deeper than {self._max_depth}"))
+        if isinstance(obj, dict):
+            return self._encode_dict(obj, depth)
+        if isinstance(obj, list):
+            return self._encode_seq(obj, depth)
+        if isinstance(obj, tuple) and not hasattr(obj, "_fields"):
+            return msgpack.ExtType(EXT_TUPLE, msgpack.packb(self._encode_seq(obj, depth), use_bin_type=True))
+        if isinstance(obj, (bool, int, float, str, bytes)):  # subclasses such as IntEnum: stored as the base type
+            return self._encode(_base_value(obj), depth)
+        raise _EncodeError(lambda w: UnsupportedObjectError(
+            f"{w}: cannot save a {t.__module__}.{t.__qualname__}; leaves must be arrays, int, float, bool, str, "
+            "bytes or None (convert it, e.g. to a dict or str, first)"))
+
+    def _encode_seq(self, obj: list[Any] | tuple[Any, ...], depth: int) -> list[Any]:
+        if depth >= self._max_depth:
+            raise _EncodeError(lambda w: UnsupportedObjectError(f"{w}: nesting deeper than {self._max_depth}"))
+        out = []
+        self.size += len(obj)
+        for i, v in enumerate(obj):
+            try:
+                out.append(self._encode(v, depth + 1))
+            except _EncodeError as e:
+                e.path.append(i)
+                raise
+        return out
+
+    def _encode_dict(self, obj: dict[Any, Any], depth: int) -> dict[Any, Any]:
+        if depth >= self._max_depth:
+            raise _EncodeError(lambda w: UnsupportedObjectError(f"{w}: nesting deeper than {self._max_depth}"))
+        out: dict[Any, Any] = {}
+        self.size += len(obj)
+        has_int = False
+        add, enc, d1 = self._add_array, self._encode, depth + 1
+        for k, v in obj.items():
+            if type(k) is not str:
+                if type(k) is int and -(1 << 63) <= k < (1 << 63):
+                    has_int = True
+                else:
+                    err = _EncodeError(lambda w, k=k: UnsupportedObjectError(
+                        f"{w}: dict key {k!r} is a {type(k).__name__}; keys must be str or int"))
+                    raise err
+            tv = type(v)
+            try:
+                if tv is str or tv is float or tv is bool or v is None:
+                    out[k] = v
+                elif tv is dict or tv is list:
+                    out[k] = enc(v, d1)
+                else:
+                    found = add(v)
+                    out[k] = found if found is not None else enc(v, d1)
+            except _EncodeError as e:
+                e.path.append(k)
+                raise
+        if has_int and len({str(k) for k in out}) != len(out):
+            raise _EncodeError(lambda w: InvalidKeyError(
+                f"{w}: dict has an int key and a str key with the same text (e.g. 1 and '1'); their key "
+                "paths would be equal"))
+        return out
+
+
+def _encode_int(value: int) -> msgpack.ExtType:
+    if not -(1 << 63) <= value < (1 << 64):
+        raise _EncodeError(lambda w: UnsupportedObjectError(f"{w}: int {value} does not fit in 64 bits"))
+    return msgpack.ExtType(EXT_INT, msgpack.packb(value))
+
+
+def _base_value(obj: Any) -> Any:
+    for base in (bool, int, float, str, bytes):
+        if isinstance(obj, base):
+            return base(obj)
+    return obj
+
+
+def _where(path: tuple[str | int, ...]) -> str:
+    from ._keypath import join
+
+    return f"at key path {join(path)!r}" if path else "at the top level"
+
+
+def pack_metadata(tree: Any, tree_size: int, tensors: TensorTable, producer: dict[str, Any], created: str,
+                  user: dict[str, Any]) -> bytes:
+    """Serialise the metadata map (§4.1)."""
+    meta = {"tree": tree, "tree_size": tree_size, "tensors": tensors.pack(), "producer": producer,
+            "created": created, "user": user}
+    return msgpack.packb(meta, use_bin_type=True)
+
+
+def check_plain(value: Any, *, max_depth: int = Limits.max_depth, what: str = "user metadata") -> None:
+    """Raise :class:`UnsupportedObjectError` unless ``value`` is plain msgpack data (§4.6)."""
+    stack = [(value, 0)]
+    while stack:
+        v, d = stack.pop()
+        t = type(v)
+        if d > max_depth:
+            raise UnsupportedObjectError(f"{what} nests deeper than {max_depth}")
+        if t is dict:
+            if not set(map(type, v)) <= _KEYS:
+                raise UnsupportedObjectError(f"{what}: map keys must be str or int")
+            stack.extend((x, d + 1) for x in v.values())
+        elif t is list or t is tuple:
+            stack.extend((x, d + 1) for x in v)
+        elif t is int:
+            if not -(1 << 63) <= v < (1 << 64):
+                raise UnsupportedObjectError(f"{what}: int {v} does not fit in 64 bits")
+        elif not (t is str or t is bytes or t is float or t is bool or v is None):
+            raise UnsupportedObjectError(f"{what} holds a {t.__name__}; only dict, list, str, bytes, int, float, "
+                                         "bool and None are allowed")
+
+
+# ------------------------------------------------------------------ reading
+
+
+def parse_manifest(data: bytes, *, path: str | None, minor: int, alignment: int, metadata_offset: int,
+                   limits: Limits) -> Manifest:
+    """Decode and validate the metadata bytes (§4, §8). Every failure is an :class:`InvalidMetadataError`."""
+    if len(data) > limits.max_metadata_bytes:
+        raise MetadataLimitError(path, f"metadata is {len(data)} bytes, over the cap of "
+                                       f"{limits.max_metadata_bytes} (raise Limits.max_metadata_bytes to read it)")
+    depth = [0]
+
+    def ext_hook(code: int, payload: bytes) -> Any:
+        if code == EXT_INT:
+            value = _unpack(payload)
+            if type(value) is not int:
+                raise InvalidMetadataError(path, "ext 4 (int) payload is not a msgpack integer")
+            return PlainInt(value)
+        if code == EXT_SCALAR:
+            if len(payload) != 4:
+                raise InvalidMetadataError(path, f"array-scalar reference of {len(payload)} bytes, expected 4")
+            return TensorRef(int.from_bytes(payload, "little"))
+        if code == EXT_TUPLE:
+            depth[0] += 1
+            try:
+                if depth[0] > limits.max_depth:
+                    raise MetadataLimitError(path, f"tree nesting deeper than {limits.max_depth}")
+                items = _unpack(payload)
+            finally:
+                depth[0] -= 1
+            if not isinstance(items, list):
+                raise InvalidMetadataError(path, "tuple payload is not a msgpack array")
+            return tuple(items)
+        raise InvalidMetadataError(path, f"unknown msgpack ext type {code} in the tree")
+
+    def _unpack(payload: bytes, pairs: bool = True) -> Any:
+        if pairs:
+            return msgpack.unpackb(payload, raw=False, strict_map_key=False, ext_hook=ext_hook,
+                                   object_pairs_hook=_pairs)
+        return msgpack.unpackb(payload, raw=False, strict_map_key=False, ext_hook=ext_hook)
+
+    def _pairs(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
+        d = dict(pairs)
+        if len(d) != len(pairs):
+            raise InvalidMetadataError(path, "a map has duplicate keys")
+        return d
+
+    meta: dict[str, Any] = {}
+    was_enabled = gc.isenabled()
+    gc.disable()  # decoding makes no cycles; collections during a large decode only cost time
+    try:
+        for key, (start, end) in _sections(data, path).items():
+            # The tree, possibly millions of entries, is decoded without a per-map hook; its
+            # duplicate keys are caught by tree_size instead (§8.1).
+            meta[key] = _unpack(data[start:end], pairs=key != "tree")
+    except (InvalidMetadataError, RecursionError) as e:
+        if isinstance(e, InvalidMetadataError):
+            raise
+        raise MetadataLimitError(path, "tree nesting too deep to decode") from None
+    except Exception as e:  # msgpack raises several unrelated types on malformed input
+        raise InvalidMetadataError(path, f"metadata is not valid msgpack: {type(e).__name__}: {e}") from None
+    finally:
+        if was_enabled:
+            gc.enable()
+    for key in ("tree", "tree_size", "tensors"):
+        if key not in meta:
+            raise InvalidMetadataError(path, f"metadata has no {key!r} entry")
+    producer = meta.get("producer", {})
+    user = meta.get("user", {})
+    created = meta.get("created", "")
+    if not isinstance(producer, dict) or not isinstance(created, str):
+        raise InvalidMetadataError(path, "metadata 'producer' must be a map and 'created' a str")
+    try:
+        check_plain(user, max_depth=limits.max_depth)
+        check_plain(producer, max_depth=limits.max_depth, what="producer")
+    except UnsupportedObjectError as e:
+        raise InvalidMetadataError(path, str(e)) from None
+    if type(meta["tree_size"]) is not PlainInt and type(meta["tree_size"]) is not int:
+        raise InvalidMetadataError(path, "'tree_size' is not an int")
+    tensors = _parse_tensor_table(meta["tensors"], path=path, minor=minor, limits=limits)
+    refs, size = _check_tree(meta["tree"], path, limits.max_depth)
+    if size != meta["tree_size"]:
+        raise InvalidMetadataError(path, f"the tree holds {size} values but 'tree_size' says {meta['tree_size']} "
+                                         "(a map in the tree has duplicate keys)")
+    _check_refs(refs, len(tensors), path)
+    check_layout(tensors, alignment=alignment, metadata_offset=metadata_offset, path=path)
+    unknown = {k: v for k, v in meta.items() if k not in _KNOWN_SECTIONS}
+    return Manifest(meta["tree"], tensors, producer, created, user, unknown)
+
+
+_CONTAINERS = frozenset((dict, list, tuple))
+_LEAVES = frozenset((str, bytes, bool, int, PlainInt, float, type(None), TensorRef))
+_KEYS = frozenset((str, int))
+
+
+def _check_tree(tree: Any, path: str | None, max_depth: int) -> tuple[list[int], int]:
+    """Check leaf types, key types and nesting depth (§4.2, §8.1).
+
+    Returns every tensor row referenced and the number of values held by all containers.
+    """
+    refs: list[int] = []
+    size = 0
+    stack: list[tuple[Any, int]] = [(tree, 0)]
+    while stack:
+        node, d = stack.pop()
+        if d > max_depth:
+            raise MetadataLimitError(path, f"tree nesting deeper than {max_depth} (raise Limits.max_depth)")
+        t = type(node)
+        if t is dict:
+            if not set(map(type, node)) <= _KEYS:
+                raise InvalidMetadataError(path, "a tree map key is neither str nor int")
+            values: Any = node.values()
+            size += len(node)
+        elif t is list or t is tuple:
+            values = node
+            size += len(node)
+        else:
+            values = (node,)
+        types = set(map(type, values))
+        if not types <= _LEAVES | _CONTAINERS:
+            bad = sorted(x.__name__ for x in types - _LEAVES - _CONTAINERS)
+            raise InvalidMetadataError(path, f"tree leaf of type {', '.join(bad)} is not allowed")
+        if int in types:
+            refs.extend(v for v in values if type(v) is int)
+        if TensorRef in types:
+            refs.extend(v.index for v in values if type(v) is TensorRef)
+        if types & _CONTAINERS:
+            stack.extend((v, d + 1) for v in values if type(v) in _CONTAINERS)
+    return refs, size
+
+
+_KNOWN_SECTIONS = frozenset(("tree", "tree_size", "tensors", "producer", "created", "user"))
+
+
+def _sections(data: bytes, path: str | None) -> dict[str, tuple[int, int]]:
+    """Byte ranges of the top-level map's values, by key; refuses duplicate keys and trailing bytes."""
+    unpacker = msgpack.Unpacker(raw=False, max_buffer_size=max(len(data), 1))
+    unpacker.feed(data)
+    try:
+        count = unpacker.read_map_header()
+    except Exception:
+        raise InvalidMetadataError(path, "metadata is not a msgpack map") from None
+    out: dict[str, tuple[int, int]] = {}
+    for _ in range(count):
+        key = unpacker.unpack()
+        if not isinstance(key, str):
+            raise InvalidMetadataError(path, f"metadata key {key!r} is not a str")
+        if key in out:
+            raise InvalidMetadataError(path, f"metadata has two {key!r} entries")
+        start = unpacker.tell()
+        unpacker.skip()
+        out[key] = (start, unpacker.tell())
+    if unpacker.tell() != len(data):
+        raise InvalidMetadataError(path, f"{len(data) - unpacker.tell()} bytes follow the metadata map")
+    return out
+
+
+def _check_refs(refs: list[int], count: int, path: str | None) -> None:
+    """Every reference names a row, and every row is referenced (no hidden payload)."""
+    if not refs:
+        if count:
+            raise InvalidMetadataError(path, f"{count} tensors are not referenced by the tree")
+        return
+    try:
+        arr = np.asarray(refs, dtype=np.int64)
+    except OverflowError:
+        raise InvalidMetadataError(path, "tree references a tensor row beyond 2**63") from None
+    lo, hi = int(arr.min()), int(arr.max())
+    if lo < 0 or hi >= count:
+        raise InvalidMetadataError(path, f"tree references tensor {lo if lo < 0 else hi}, but the table has "
+                                         f"rows 0..{count - 1}")
+    if np.count_nonzero(np.bincount(arr, minlength=count)) != count:
+        raise InvalidMetadataError(path, "some tensors are not referenced by the tree (hidden payload)")
+
+
+def _column(table: dict[str, Any], name: str, dtype: np.dtype, count: int, path: str | None) -> np.ndarray:
+    raw = table.get(name)
+    if not isinstance(raw, bytes):
+        raise InvalidMetadataError(path, f"tensor table column {name!r} is missing or not binary")
+    if len(raw) != count * dtype.itemsize:
+        raise InvalidMetadataError(path, f"tensor table column {name!r} has {len(raw)} bytes, "
+                                         f"expected {count * dtype.itemsize}")
+    return np.frombuffer(raw, dtype=dtype)
+
+
+def _parse_tensor_table(table: Any, *, path: str | None, minor: int, limits: Limits) -> TensorTable:
+    if not isinstance(table, dict):
+        raise InvalidMetadataError(path, "'tensors' is not a map")
+    count = table.get("count")
+    if type(count) is not int or count < 0:
+        raise InvalidMetadataError(path, "tensor table 'count' is not a non-negative int")
+    if count > limits.max_tensors:
+        raise MetadataLimitError(path, f"{count} tensors, over the cap of {limits.max_tensors}")
+    names = table.get("dtypes")
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names) or len(names) > 255:
+        raise InvalidMetadataError(path, "tensor table 'dtypes' is not a list of at most 255 str")
+    if len(set(names)) != len(names):
+        raise InvalidMetadataError(path, "tensor table 'dtypes' names a dtype twice")
+    if minor <= FORMAT_MINOR:
+        for n in names:
+            if n not in DTYPES:
+                raise InvalidMetadataError(path, f"unknown dtype {n!r} in a version 1.{minor} file")
+    code = _column(table, "dtype", _U8, count, path)
+    ndim = _column(table, "ndim", _U8, count, path)
+    if count and int(code.max()) >= len(names):
+        raise InvalidMetadataError(path, f"dtype code {int(code.max())} has no entry in 'dtypes'")
+    if count and int(ndim.max()) > limits.max_ndim:
+        raise MetadataLimitError(path, f"a tensor has {int(ndim.max())} dimensions, over {limits.max_ndim}")
+    total_dims = int(ndim.sum(dtype=np.int64))
+    shape_flat = _column(table, "shape", _U64, total_dims, path)
+    offset = _column(table, "offset", _U64, count, path)
+    nbytes = _column(table, "nbytes", _U64, count, path)
+    checksum = _column(table, "checksum", _U64, count, path) if "checksum" in table else None
+    tt = TensorTable(names, code, ndim, shape_flat, offset, nbytes, checksum)
+    _check_sizes(tt, path)
+    return tt
+
+
+def _check_sizes(tt: TensorTable, path: str | None) -> None:
+    """shape x itemsize == nbytes for every tensor of a known dtype (§8.2)."""
+    n = len(tt)
+    if not n:
+        return
+    if tt.shape_flat.size and int(tt.shape_flat.max()) >= 1 << 63:
+        raise InvalidMetadataError(path, "a dimension is 2**63 or larger")
+    prod_u = np.ones(n, dtype=np.uint64)
+    prod_f = np.ones(n, dtype=np.float64)
+    has = tt.ndim > 0
+    if has.any():
+        starts = (np.cumsum(tt.ndim, dtype=np.int64) - tt.ndim)[has]
+        prod_u[has] = np.multiply.reduceat(tt.shape_flat, starts)
+        prod_f[has] = np.multiply.reduceat(tt.shape_flat.astype(np.float64), starts)
+    itemsize = np.array([DTYPES[nm].itemsize if nm in DTYPES else 0 for nm in tt.dtype_names], dtype=np.uint64)
+    isz = itemsize[tt.dtype_code]
+    known = isz > 0
+    bad = known & ((prod_f * isz > 2.0**62) | (prod_u * isz != tt.nbytes))
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise InvalidMetadataError(path, f"tensor {i}: shape {tt.shape(i)} x itemsize {int(isz[i])} != "
+                                         f"nbytes {int(tt.nbytes[i])}")
+
+
+def check_layout(tt: TensorTable, *, alignment: int, metadata_offset: int, path: str | None) -> None:
+    """Blobs lie in table order, each at the next multiple of the alignment, with nothing between (§4.5)."""
+    a = np.uint64(alignment)
+    first = np.uint64(blob_region_start(alignment))
+    nb = tt.nbytes
+    if len(nb) and float(nb.astype(np.float64).sum()) > 2.0**62:
+        raise InvalidMetadataError(path, "blob sizes add up to more than 2**62 bytes")
+    span = (nb + (a - np.uint64(1))) & ~(a - np.uint64(1))
+    ends = np.cumsum(span, dtype=np.uint64) + first if len(nb) else np.zeros(0, np.uint64)
+    expected = np.where(nb == 0, np.uint64(0), ends - span)
+    if not np.array_equal(expected, tt.offset):
+        i = int(np.flatnonzero(expected != tt.offset)[0])
+        raise InvalidMetadataError(path, f"tensor {i}: offset {int(tt.offset[i])}, expected {int(expected[i])} "
+                                         "(blobs must follow each other in table order at aligned offsets)")
+    end = int(ends[-1]) if len(ends) else int(first)
+    if end != metadata_offset:
+        raise InvalidMetadataError(path, f"metadata starts at {metadata_offset}, expected {end} (after the "
+                                         "last blob's padding)")
+
+
+def blob_region_start(alignment: int) -> int:
+    """Offset of the first blob: the header rounded up to the alignment."""
+    return -(-HEADER_SIZE // alignment) * alignment
+
+
+def align_up(n: int, alignment: int) -> int:
+    """``n`` rounded up to a multiple of ``alignment`` (a power of two)."""
+    return (n + alignment - 1) & ~(alignment - 1)

@@ -1,0 +1,214 @@
+"""The streaming Writer: header, then blobs as they come, then metadata and footer (spec §2).
+
+Memory stays bounded: small blobs are batched into one reusable buffer, large contiguous blobs are
+written straight from the caller's memory (hashed on a second thread meanwhile, as xxhash releases
+the GIL), and non-contiguous or byte-swapped arrays are converted a bounded chunk at a time.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+
+from ._checksum import EMPTY_CHECKSUM, checksum, hasher
+from ._dtypes import DType
+from ._footer import Footer
+from ._header import Header
+from ._manifest import TensorTable, align_up, blob_region_start, pack_metadata
+
+#: Blobs below this are copied into the batch buffer; larger ones are written in place.
+SMALL_BLOB = 1 << 20
+BUFFER_SIZE = 8 << 20
+#: Largest temporary made when converting a non-contiguous or byte-swapped array.
+CHUNK_SIZE = 16 << 20
+_MAX_WRITE = 1 << 30
+_BIG_ENDIAN_HOST = sys.byteorder == "big"
+
+
+def write_all(fd: int, data: memoryview) -> None:
+    """``os.write`` until every byte of ``data`` is written."""
+    while len(data):
+        n = os.write(fd, data[:_MAX_WRITE])
+        data = data[n:]
+
+
+def _needs_conversion(arr: np.ndarray) -> bool:
+    order = arr.dtype.byteorder
+    return not arr.flags.c_contiguous or order == ">" or (order == "=" and _BIG_ENDIAN_HOST)
+
+
+def _as_bytes(arr: np.ndarray) -> np.ndarray:
+    """A C-contiguous little-endian array as a flat uint8 view (no copy)."""
+    return arr.reshape(-1).view(np.uint8)
+
+
+def contiguous_chunks(arr: np.ndarray, limit: int = CHUNK_SIZE) -> Any:
+    """Yield ``arr``'s elements in C order, little-endian, as uint8 arrays of about ``limit`` bytes or less."""
+    if arr.ndim == 0 or arr.nbytes <= limit:
+        out = np.ascontiguousarray(arr)
+        if out.dtype.byteorder == ">" or (out.dtype.byteorder == "=" and _BIG_ENDIAN_HOST):
+            out = out.astype(out.dtype.newbyteorder("<"))
+        yield _as_bytes(out)
+        return
+    row = arr.nbytes // arr.shape[0]
+    if row > limit:
+        for i in range(arr.shape[0]):
+            yield from contiguous_chunks(arr[i], limit)
+        return
+    step = max(1, limit // row)
+    for i in range(0, arr.shape[0], step):
+        yield from contiguous_chunks(arr[i : i + step], limit)
+
+
+class Writer:
+    """Writes one checkpoint to an open file descriptor, in the order the format lays it out.
+
+    Call sequence: 1. ``Writer(fd, ...)`` writes the header; 2. :meth:`write_blobs` (any number of
+    times) with the tensors in table order; 3. :meth:`finish` writes the metadata and the footer.
+    """
+
+    def __init__(self, fd: int, *, alignment: int, checksum: bool = True) -> None:
+        self._fd = fd
+        self._alignment = alignment
+        self._checksum = checksum
+        self._buf = bytearray(BUFFER_SIZE)  # zero except [0, _fill): padding is skipped over, not written
+        self._mv = memoryview(self._buf)
+        self._zeros = memoryview(bytes(BUFFER_SIZE))
+        self._fill = 0
+        self._pos = 0
+        self._pool: ThreadPoolExecutor | None = None
+        self._dtype_codes: dict[str, int] = {}
+        self._code: list[int] = []
+        self._ndim: list[int] = []
+        self._shape: list[int] = []
+        self._offset: list[int] = []
+        self._nbytes: list[int] = []
+        self._sums: list[int] = []
+        self._emit(memoryview(Header(alignment=alignment).pack()))
+        self._pad_to(blob_region_start(alignment))
+
+    # -- byte output
+    def _flush(self) -> None:
+        if self._fill:
+            write_all(self._fd, self._mv[: self._fill])
+            self._mv[: self._fill] = self._zeros[: self._fill]
+            self._fill = 0
+
+    def _emit(self, data: memoryview) -> None:
+        n = len(data)
+        if n > BUFFER_SIZE - self._fill:
+            self._flush()
+            if n >= SMALL_BLOB:
+                write_all(self._fd, data)
+                self._pos += n
+                return
+        self._mv[self._fill : self._fill + n] = data
+        self._fill += n
+        self._pos += n
+
+    def _pad_to(self, offset: int) -> None:
+        pad = offset - self._pos
+        while pad > 0:
+            if self._fill == BUFFER_SIZE:
+                self._flush()
+            n = min(pad, BUFFER_SIZE - self._fill)
+            self._fill += n
+            self._pos += n
+            pad -= n
+
+    # -- blobs
+    def write_blobs(self, items: list[tuple[np.ndarray, DType]]) -> None:
+        """Append tensors' bytes, in table order.
+
+        The loop is written for the many-small-tensors case, where per-tensor overhead is the cost.
+        """
+        mask = self._alignment - 1
+        codes, code_col, ndim_col, shape_col = self._dtype_codes, self._code, self._ndim, self._shape
+        offset_col, nbytes_col, sums = self._offset, self._nbytes, self._sums
+        mv, do_sum = self._mv, self._checksum
+        small_room = BUFFER_SIZE - SMALL_BLOB - mask
+        for arr, dtype in items:
+            code = codes.get(dtype.name)
+            if code is None:
+                code = codes[dtype.name] = len(codes)
+            if arr.itemsize != dtype.itemsize:
+                raise ValueError(f"array itemsize {arr.itemsize} does not match dtype {dtype.name}")
+            nb = arr.nbytes
+            if nb == 0:
+                off, digest = 0, EMPTY_CHECKSUM
+            elif nb < SMALL_BLOB and small_room > 0 and not _needs_conversion(arr):
+                off = (self._pos + mask) & ~mask
+                if self._fill + (off - self._pos) + nb > BUFFER_SIZE:
+                    self._flush()
+                fill = self._fill + (off - self._pos)
+                try:
+                    raw: Any = memoryview(arr).cast("B")
+                except (TypeError, ValueError):  # dtypes without a buffer format, e.g. ml_dtypes
+                    raw = _as_bytes(arr)
+                mv[fill : fill + nb] = raw
+                digest = checksum(raw) if do_sum else 0
+                self._fill = fill + nb
+                self._pos = off + nb
+            else:
+                off = (self._pos + mask) & ~mask
+                self._pad_to(off)
+                digest = self._write_data(arr, nb)
+            code_col.append(code)
+            ndim_col.append(arr.ndim)
+            shape_col.extend(arr.shape)
+            offset_col.append(off)
+            nbytes_col.append(nb)
+            sums.append(digest)
+
+    def _write_data(self, arr: np.ndarray, nbytes: int) -> int:
+        if not _needs_conversion(arr):
+            raw = _as_bytes(arr)
+            if nbytes < SMALL_BLOB or not self._checksum:
+                digest = checksum(raw) if self._checksum else 0
+                self._emit(memoryview(raw))
+                return digest
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(1, thread_name_prefix="ckptfmt-hash")
+            pending: Future[int] = self._pool.submit(checksum, raw)
+            self._emit(memoryview(raw))
+            return pending.result()
+        h = hasher()
+        for chunk in contiguous_chunks(arr):
+            if self._checksum:
+                h.update(chunk)
+            self._emit(memoryview(chunk))
+        return h.intdigest() if self._checksum else 0
+
+    # -- end
+    def finish(self, tree: Any, *, tree_size: int, producer: dict[str, Any], created: str,
+               user: dict[str, Any]) -> int:
+        """Write metadata and footer; return the file size."""
+        try:
+            meta_offset = align_up(self._pos, self._alignment)
+            self._pad_to(meta_offset)
+            table = TensorTable(
+                dtype_names=list(self._dtype_codes),
+                dtype_code=np.asarray(self._code, dtype=np.uint8),
+                ndim=np.asarray(self._ndim, dtype=np.uint8),
+                shape_flat=np.asarray(self._shape, dtype=np.uint64),
+                offset=np.asarray(self._offset, dtype=np.uint64),
+                nbytes=np.asarray(self._nbytes, dtype=np.uint64),
+                checksum=np.asarray(self._sums, dtype=np.uint64) if self._checksum else None,
+            )
+            meta = pack_metadata(tree, tree_size, table, producer, created, user)
+            self._emit(memoryview(meta))
+            self._emit(memoryview(Footer(meta_offset, len(meta), checksum(meta)).pack()))
+            self._flush()
+            return self._pos
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Stop the hashing thread (the file descriptor belongs to the caller)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
