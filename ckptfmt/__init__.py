@@ -7,7 +7,7 @@
 
 from __future__ import annotations
 
-from ._api import __version__, diff, inspect, load, open, save, verify
+from ._api import __version__, diff, inspect, load, open, save, verify  # noqa: A004
 from ._backend import ArrayBackend, get_backend, register_backend
 from ._manifest import Limits, TensorEntry
 from ._reader import Checkpoint, TensorInfo, VerifyReport

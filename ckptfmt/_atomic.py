@@ -43,7 +43,7 @@ def _pid_alive(pid: int) -> bool:
 
 def remove_stale_temps(directory: str) -> list[str]:
     """Delete temporaries left in ``directory`` by dead processes of this host; return their paths."""
-    removed = []
+    removed: list[str] = []
     host = _host()
     try:
         names = os.listdir(directory or ".")

@@ -60,7 +60,7 @@ def parse_header(data: bytes, path: str | None = None) -> Header:
     if checksum(data[:56]) != stored:
         raise ChecksumMismatchError(path, "header checksum mismatch (header bytes 0..63 are corrupted)",
                                     region="header")
-    magic, major, minor, bom, required, optional, alignment, reserved = _LAYOUT.unpack(data[:56])
+    _magic, major, minor, bom, required, optional, alignment, reserved = _LAYOUT.unpack(data[:56])
     check_version(path, major, minor, required)
     if bom != BYTE_ORDER_MARK:
         raise InvalidMetadataError(path, f"header: byte-order mark 0x{bom:08x}, expected 0x{BYTE_ORDER_MARK:08x}")

@@ -224,9 +224,7 @@ class TreeEncoder:
                 if type(k) is int and -(1 << 63) <= k < (1 << 63):
                     has_int = True
                 else:
-                    err = _EncodeError(lambda w, k=k: UnsupportedObjectError(
-                        f"{w}: dict key {k!r} is a {type(k).__name__}; keys must be str or int"))
-                    raise err
+                    raise _EncodeError(_bad_key(k))
             tv = type(v)
             try:
                 if tv is str or tv is float or tv is bool or v is None:
@@ -252,10 +250,15 @@ def _encode_int(value: int) -> msgpack.ExtType:
     return msgpack.ExtType(EXT_INT, msgpack.packb(value))
 
 
+def _bad_key(key: object) -> Callable[[str], CheckpointError]:
+    return lambda where: UnsupportedObjectError(
+        f"{where}: dict key {key!r} is a {type(key).__name__}; keys must be str or int")
+
+
 def _base_value(obj: Any) -> Any:
     for base in (bool, int, float, str, bytes):
         if isinstance(obj, base):
-            return base(obj)
+            return base(obj)  # type: ignore[arg-type]
     return obj
 
 

@@ -325,7 +325,7 @@ class Checkpoint:
                 else:
                     arr = np.empty(shape, dtype=dt)
                     raw = arr.reshape(-1).view(np.uint8)
-                    got = _readinto_exact(self._fd, memoryview(raw), off)
+                    got = _readinto_exact(self._fd, raw.data, off)
                     if got != nb:
                         raise TruncatedCheckpointError(self.path, f"tensor {self._key_of(i)!r}: read {got} of {nb} "
                                                                   "bytes")

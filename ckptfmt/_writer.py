@@ -146,7 +146,7 @@ class Writer:
                     self._flush()
                 fill = self._fill + (off - self._pos)
                 try:
-                    raw: Any = memoryview(arr).cast("B")
+                    raw: Any = arr.data.cast("B")
                 except (TypeError, ValueError):  # dtypes without a buffer format, e.g. ml_dtypes
                     raw = _as_bytes(arr)
                 mv[fill : fill + nb] = raw
@@ -169,18 +169,18 @@ class Writer:
             raw = _as_bytes(arr)
             if nbytes < SMALL_BLOB or not self._checksum:
                 digest = checksum(raw) if self._checksum else 0
-                self._emit(memoryview(raw))
+                self._emit(raw.data)
                 return digest
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(1, thread_name_prefix="ckptfmt-hash")
             pending: Future[int] = self._pool.submit(checksum, raw)
-            self._emit(memoryview(raw))
+            self._emit(raw.data)
             return pending.result()
         h = hasher()
         for chunk in contiguous_chunks(arr):
             if self._checksum:
                 h.update(chunk)
-            self._emit(memoryview(chunk))
+            self._emit(chunk.data)
         return h.intdigest() if self._checksum else 0
 
     # -- end

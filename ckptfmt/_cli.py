@@ -1,0 +1,139 @@
+"""The ``ckptfmt`` command: inspect, verify, diff (each with ``--json``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from . import _api
+from .errors import CheckpointError
+
+
+def _human(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    summary = _api.inspect(args.path)
+    if args.json:
+        print(json.dumps(summary, indent=1))
+        return 0
+    print(f"{summary['path']}: ckptfmt {summary['format_version']}, {_human(summary['file_size'])}, "
+          f"{summary['tensor_count']} tensors ({_human(summary['tensor_bytes'])}), alignment {summary['alignment']}, "
+          f"checksums {'on' if summary['checksummed'] else 'off'}")
+    print(f"written by {summary['producer'].get('name', '?')} {summary['producer'].get('version', '')} "
+          f"at {summary['created'] or '?'}")
+    if summary["dtype_bytes"]:
+        print("dtypes: " + ", ".join(f"{k} {_human(v)}" for k, v in sorted(summary["dtype_bytes"].items())))
+    if summary["metadata"]:
+        print("metadata: " + json.dumps(summary["metadata"]))
+    width = max((len(leaf["key"]) for leaf in summary["leaves"]), default=0)
+    for leaf in summary["leaves"]:
+        if leaf["kind"] == "value":
+            print(f"  {leaf['key']:<{width}}  {leaf['type']:<8} {leaf['value']!r}")
+        else:
+            shape = "x".join(map(str, leaf["shape"])) or "scalar"
+            print(f"  {leaf['key']:<{width}}  {leaf['dtype']:<8} {shape:<16} {_human(leaf['nbytes'])}")
+    return 0
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    report = _verify_with_progress(args.path, quiet=args.quiet or args.json)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=1))
+    elif report.ok:
+        note = "" if report.checksummed else " (file has no blob checksums: structure checked only)"
+        print(f"OK {report.path}: {report.tensors_checked} tensors, {_human(report.bytes_checked)} verified{note}")
+    else:
+        print(f"FAILED {report.path}:")
+        for err in report.errors:
+            print(f"  {err}")
+    return 0 if report.ok else 1
+
+
+def _verify_with_progress(path: str, *, quiet: bool) -> Any:
+    from ._reader import Checkpoint, VerifyReport
+
+    try:
+        ckpt = Checkpoint(path)
+    except (CheckpointError, ValueError) as e:
+        if isinstance(e, FileNotFoundError):
+            raise
+        return VerifyReport(path, ok=False, errors=[str(e)])
+    with ckpt:
+        total = int(ckpt.manifest.tensors.nbytes.sum()) if len(ckpt) else 0
+        if quiet or total < (256 << 20):
+            return ckpt.verify()
+        from tqdm import tqdm
+
+        with tqdm(total=total, unit="B", unit_scale=True, desc="verify", file=sys.stderr) as bar:
+            return ckpt.verify(progress=bar.update)
+
+
+def _cmd_diff(args: argparse.Namespace) -> int:
+    result = _api.diff(args.a, args.b)
+    if args.json:
+        print(json.dumps(result, indent=1))
+    else:
+        for key in result["only_a"]:
+            print(f"- {key}")
+        for key in result["only_b"]:
+            print(f"+ {key}")
+        for key in result["changed"]:
+            print(f"~ {key}")
+        if not any(result.values()):
+            print("no differences")
+    return 1 if any(result.values()) else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``ckptfmt`` command."""
+    p = argparse.ArgumentParser(prog="ckptfmt", description="Inspect, verify and compare ckptfmt checkpoints.")
+    p.add_argument("--version", action="version", version=f"ckptfmt {_api.__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("inspect", help="show the tree, dtypes, shapes, sizes and metadata")
+    s.add_argument("path")
+    s.add_argument("--json", action="store_true", help="print a JSON document instead")
+    s.set_defaults(func=_cmd_inspect)
+    s = sub.add_parser("verify", help="check every checksum and padding byte (exit 1 if any fails)")
+    s.add_argument("path")
+    s.add_argument("--json", action="store_true", help="print the report as JSON")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=_cmd_verify)
+    s = sub.add_parser("diff", help="list the keys that differ between two checkpoints (exit 1 if any)")
+    s.add_argument("a")
+    s.add_argument("b")
+    s.add_argument("--json", action="store_true", help="print a JSON document instead")
+    s.set_defaults(func=_cmd_diff)
+    s = sub.add_parser("demo", help="run the end-to-end tour on an embedded default state")
+    s.add_argument("--dir", help="keep the demo's files in this directory instead of a temporary one")
+    s.set_defaults(func=_cmd_demo)
+    return p
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from ._demo import run
+
+    return run(args.dir)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``ckptfmt`` console script; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except CheckpointError as e:
+        print(f"ckptfmt: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
