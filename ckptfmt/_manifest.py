@@ -14,6 +14,7 @@ from typing import Any
 import msgpack
 import numpy as np
 
+from ._checksum import EMPTY_CHECKSUM
 from ._dtypes import DTYPES
 from ._header import HEADER_SIZE
 from ._versions import FORMAT_MINOR
@@ -276,8 +277,12 @@ def pack_metadata(tree: Any, tree_size: int, tensors: TensorTable, producer: dic
     return msgpack.packb(meta, use_bin_type=True)
 
 
-def check_plain(value: Any, *, max_depth: int = Limits.max_depth, what: str = "user metadata") -> None:
-    """Raise :class:`UnsupportedObjectError` unless ``value`` is plain msgpack data (§4.6)."""
+def check_plain(value: Any, *, max_depth: int = Limits.max_depth, what: str = "user metadata",
+                tuples: bool = True) -> None:
+    """Raise :class:`UnsupportedObjectError` unless ``value`` is plain msgpack data (§4.6).
+
+    Writers may pass tuples (msgpack stores them as arrays); a decoded file must hold none.
+    """
     stack = [(value, 0)]
     while stack:
         v, d = stack.pop()
@@ -288,7 +293,7 @@ def check_plain(value: Any, *, max_depth: int = Limits.max_depth, what: str = "u
             if not set(map(type, v)) <= _KEYS:
                 raise UnsupportedObjectError(f"{what}: map keys must be str or int")
             stack.extend((x, d + 1) for x in v.values())
-        elif t is list or t is tuple:
+        elif t is list or (t is tuple and tuples):
             stack.extend((x, d + 1) for x in v)
         elif t is int:
             if not -(1 << 63) <= v < (1 << 64):
@@ -370,8 +375,8 @@ def parse_manifest(data: bytes, *, path: str | None, minor: int, alignment: int,
     if not isinstance(producer, dict) or not isinstance(created, str):
         raise InvalidMetadataError(path, "metadata 'producer' must be a map and 'created' a str")
     try:
-        check_plain(user, max_depth=limits.max_depth)
-        check_plain(producer, max_depth=limits.max_depth, what="producer")
+        check_plain(user, max_depth=limits.max_depth, tuples=False)
+        check_plain(producer, max_depth=limits.max_depth, what="producer", tuples=False)
     except UnsupportedObjectError as e:
         raise InvalidMetadataError(path, str(e)) from None
     if type(meta["tree_size"]) is not PlainInt and type(meta["tree_size"]) is not int:
@@ -537,6 +542,11 @@ def _check_sizes(tt: TensorTable, path: str | None) -> None:
         i = int(np.flatnonzero(bad)[0])
         raise InvalidMetadataError(path, f"tensor {i}: shape {tt.shape(i)} x itemsize {int(isz[i])} != "
                                          f"nbytes {int(tt.nbytes[i])}")
+    if tt.checksum is not None:
+        wrong = (tt.nbytes == 0) & (tt.checksum != np.uint64(EMPTY_CHECKSUM))
+        if wrong.any():
+            i = int(np.flatnonzero(wrong)[0])
+            raise InvalidMetadataError(path, f"tensor {i} is empty but its checksum is not xxh3 of no bytes")
 
 
 def check_layout(tt: TensorTable, *, alignment: int, metadata_offset: int, path: str | None) -> None:
