@@ -23,10 +23,10 @@ __version__ = "0.1.0"
 PRODUCER = {"name": "ckptfmt", "version": __version__}
 
 
-def _collect(obj: Any) -> tuple[Any, int, list[tuple[np.ndarray, DType]]]:
+def _collect(obj: Any) -> tuple[Any, list[tuple[np.ndarray, DType]]]:
     """Encode the tree, listing each distinct array once (the same object twice is stored once).
 
-    Returns the encoded tree, its ``tree_size`` and the arrays in table order.
+    Returns the encoded tree and the arrays in table order.
     """
     arrays: list[tuple[np.ndarray, DType]] = []
     seen: dict[int, tuple[Any, Any]] = {}
@@ -49,9 +49,7 @@ def _collect(obj: Any) -> tuple[Any, int, list[tuple[np.ndarray, DType]]]:
         arrays.append((view, dtype))
         return enc
 
-    encoder = TreeEncoder(add_array)
-    tree = encoder.encode(obj)
-    return tree, encoder.size, arrays
+    return TreeEncoder(add_array).encode(obj), arrays
 
 
 def save(path: str | os.PathLike[str], obj: Any, *, metadata: dict[str, Any] | None = None,
@@ -63,7 +61,7 @@ def save(path: str | os.PathLike[str], obj: Any, *, metadata: dict[str, Any] | N
     a dict of plain values (str, int, float, bool, bytes, None, lists and dicts of them).
     """
     align = check_alignment(DEFAULT_ALIGNMENT if alignment is None else alignment)
-    tree, tree_size, arrays = _collect(obj)
+    tree, arrays = _collect(obj)
     user = {} if metadata is None else metadata
     if not isinstance(user, dict):
         raise UnsupportedObjectError(f"metadata must be a dict, not {type(user).__name__}")
@@ -76,7 +74,7 @@ def save(path: str | os.PathLike[str], obj: Any, *, metadata: dict[str, Any] | N
         except BaseException:
             writer.close()
             raise
-        writer.finish(tree, tree_size=tree_size, producer=PRODUCER, created=created, user=user)
+        writer.finish(tree, producer=PRODUCER, created=created, user=user)
 
 
 def open(path: str | os.PathLike[str], *, limits: Limits | None = None) -> Checkpoint:  # noqa: A001

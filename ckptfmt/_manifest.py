@@ -24,6 +24,7 @@ EXT_TENSOR = 1
 EXT_TUPLE = 2
 EXT_SCALAR = 3
 EXT_INT = 4
+EXT_MAP = 5
 _U64 = np.dtype("<u8")
 _U8 = np.dtype("u1")
 
@@ -87,22 +88,23 @@ class TensorTable:
     offset: np.ndarray
     nbytes: np.ndarray
     checksum: np.ndarray | None
-    _shape_start: np.ndarray | None = field(default=None, repr=False)
-    _shapes: list[int] | None = field(default=None, repr=False)
-    _starts: list[int] | None = field(default=None, repr=False)
+    _shapes: list[tuple[int, ...]] | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
         return len(self.offset)
 
     def shape(self, i: int) -> tuple[int, ...]:
         """Shape of row ``i``."""
+        return self.shapes()[i]
+
+    def shapes(self) -> list[tuple[int, ...]]:
+        """Every row's shape, computed once."""
         if self._shapes is None:
-            self._shapes = self.shape_flat.tolist()
-            ndim = self.ndim.astype(np.int64)
-            self._starts = (np.cumsum(ndim) - ndim).tolist()
-        assert self._starts is not None
-        s = self._starts[i]
-        return tuple(self._shapes[s : s + int(self.ndim[i])])
+            flat = self.shape_flat.tolist()
+            ndim = self.ndim.tolist()
+            ends = np.cumsum(self.ndim, dtype=np.int64).tolist()
+            self._shapes = [tuple(flat[e - n : e]) for e, n in zip(ends, ndim, strict=True)]
+        return self._shapes
 
     def entry(self, i: int) -> TensorEntry:
         """Row ``i`` as a :class:`TensorEntry`."""
@@ -165,8 +167,6 @@ class TreeEncoder:
     def __init__(self, add_array: Callable[[Any], Any], *, max_depth: int = Limits.max_depth) -> None:
         self._add_array = add_array
         self._max_depth = max_depth
-        #: values held by all maps, arrays and tuples encoded so far (§4.2 ``tree_size``)
-        self.size = 0
 
     def encode(self, obj: Any) -> Any:
         """Encode ``obj``; raises :class:`UnsupportedObjectError` naming the key path of a bad value."""
@@ -204,7 +204,6 @@ class TreeEncoder:
         if depth >= self._max_depth:
             raise _EncodeError(lambda w: UnsupportedObjectError(f"{w}: nesting deeper than {self._max_depth}"))
         out = []
-        self.size += len(obj)
         for i, v in enumerate(obj):
             try:
                 out.append(self._encode(v, depth + 1))
@@ -213,11 +212,10 @@ class TreeEncoder:
                 raise
         return out
 
-    def _encode_dict(self, obj: dict[Any, Any], depth: int) -> dict[Any, Any]:
+    def _encode_dict(self, obj: dict[Any, Any], depth: int) -> msgpack.ExtType:
         if depth >= self._max_depth:
             raise _EncodeError(lambda w: UnsupportedObjectError(f"{w}: nesting deeper than {self._max_depth}"))
         out: dict[Any, Any] = {}
-        self.size += len(obj)
         has_int = False
         add, enc, d1 = self._add_array, self._encode, depth + 1
         for k, v in obj.items():
@@ -242,7 +240,7 @@ class TreeEncoder:
             raise _EncodeError(lambda w: InvalidKeyError(
                 f"{w}: dict has an int key and a str key with the same text (e.g. 1 and '1'); their key "
                 "paths would be equal"))
-        return out
+        return msgpack.ExtType(EXT_MAP, msgpack.packb([list(out), list(out.values())], use_bin_type=True))
 
 
 def _encode_int(value: int) -> msgpack.ExtType:
@@ -269,11 +267,10 @@ def _where(path: tuple[str | int, ...]) -> str:
     return f"at key path {join(path)!r}" if path else "at the top level"
 
 
-def pack_metadata(tree: Any, tree_size: int, tensors: TensorTable, producer: dict[str, Any], created: str,
+def pack_metadata(tree: Any, tensors: TensorTable, producer: dict[str, Any], created: str,
                   user: dict[str, Any]) -> bytes:
     """Serialise the metadata map (§4.1)."""
-    meta = {"tree": tree, "tree_size": tree_size, "tensors": tensors.pack(), "producer": producer,
-            "created": created, "user": user}
+    meta = {"tree": tree, "tensors": tensors.pack(), "producer": producer, "created": created, "user": user}
     return msgpack.packb(meta, use_bin_type=True)
 
 
@@ -324,24 +321,34 @@ def parse_manifest(data: bytes, *, path: str | None, minor: int, alignment: int,
             if len(payload) != 4:
                 raise InvalidMetadataError(path, f"array-scalar reference of {len(payload)} bytes, expected 4")
             return TensorRef(int.from_bytes(payload, "little"))
-        if code == EXT_TUPLE:
+        if code in (EXT_TUPLE, EXT_MAP):
             depth[0] += 1
             try:
                 if depth[0] > limits.max_depth:
-                    raise MetadataLimitError(path, f"tree nesting deeper than {limits.max_depth}")
-                items = _unpack(payload)
+                    raise MetadataLimitError(path, f"tree nesting deeper than {limits.max_depth} "
+                                                   "(raise Limits.max_depth)")
+                items = _unpack(payload, tree=True)
             finally:
                 depth[0] -= 1
-            if not isinstance(items, list):
-                raise InvalidMetadataError(path, "tuple payload is not a msgpack array")
-            return tuple(items)
+            if type(items) is not list:
+                raise InvalidMetadataError(path, f"ext {code} payload is not a msgpack array")
+            if code == EXT_TUPLE:
+                return tuple(items)
+            if len(items) != 2 or type(items[0]) is not list or type(items[1]) is not list \
+                    or len(items[0]) != len(items[1]):
+                raise InvalidMetadataError(path, "a map payload is not two arrays of equal length")
+            keys = items[0]
+            if not set(map(type, keys)) <= _KEYS:
+                raise InvalidMetadataError(path, "a tree map key is neither str nor int")
+            d = dict(zip(keys, items[1], strict=True))
+            if len(d) != len(keys):
+                raise InvalidMetadataError(path, "a tree map has duplicate keys")
+            return d
         raise InvalidMetadataError(path, f"unknown msgpack ext type {code} in the tree")
 
-    def _unpack(payload: bytes, pairs: bool = True) -> Any:
-        if pairs:
-            return msgpack.unpackb(payload, raw=False, strict_map_key=False, ext_hook=ext_hook,
-                                   object_pairs_hook=_pairs)
-        return msgpack.unpackb(payload, raw=False, strict_map_key=False, ext_hook=ext_hook)
+    def _unpack(payload: bytes, tree: bool = False) -> Any:
+        return msgpack.unpackb(payload, raw=False, strict_map_key=False, ext_hook=ext_hook,
+                               object_pairs_hook=_no_maps if tree else _pairs)
 
     def _pairs(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
         d = dict(pairs)
@@ -349,14 +356,15 @@ def parse_manifest(data: bytes, *, path: str | None, minor: int, alignment: int,
             raise InvalidMetadataError(path, "a map has duplicate keys")
         return d
 
+    def _no_maps(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
+        raise InvalidMetadataError(path, "a msgpack map in the tree (maps in the tree are ext 5)")
+
     meta: dict[str, Any] = {}
     was_enabled = gc.isenabled()
     gc.disable()  # decoding makes no cycles; collections during a large decode only cost time
     try:
         for key, (start, end) in _sections(data, path).items():
-            # The tree, possibly millions of entries, is decoded without a per-map hook; its
-            # duplicate keys are caught by tree_size instead (§8.1).
-            meta[key] = _unpack(data[start:end], pairs=key != "tree")
+            meta[key] = _unpack(data[start:end], tree=key == "tree")
     except (InvalidMetadataError, RecursionError) as e:
         if isinstance(e, InvalidMetadataError):
             raise
@@ -366,7 +374,7 @@ def parse_manifest(data: bytes, *, path: str | None, minor: int, alignment: int,
     finally:
         if was_enabled:
             gc.enable()
-    for key in ("tree", "tree_size", "tensors"):
+    for key in ("tree", "tensors"):
         if key not in meta:
             raise InvalidMetadataError(path, f"metadata has no {key!r} entry")
     producer = meta.get("producer", {})
@@ -379,14 +387,8 @@ def parse_manifest(data: bytes, *, path: str | None, minor: int, alignment: int,
         check_plain(producer, max_depth=limits.max_depth, what="producer", tuples=False)
     except UnsupportedObjectError as e:
         raise InvalidMetadataError(path, str(e)) from None
-    if type(meta["tree_size"]) is not PlainInt and type(meta["tree_size"]) is not int:
-        raise InvalidMetadataError(path, "'tree_size' is not an int")
     tensors = _parse_tensor_table(meta["tensors"], path=path, minor=minor, limits=limits)
-    refs, size = _check_tree(meta["tree"], path, limits.max_depth)
-    if size != meta["tree_size"]:
-        raise InvalidMetadataError(path, f"the tree holds {size} values but 'tree_size' says {meta['tree_size']} "
-                                         "(a map in the tree has duplicate keys)")
-    _check_refs(refs, len(tensors), path)
+    _check_refs(_check_tree(meta["tree"], path, limits.max_depth), len(tensors), path)
     check_layout(tensors, alignment=alignment, metadata_offset=metadata_offset, path=path)
     unknown = {k: v for k, v in meta.items() if k not in _KNOWN_SECTIONS}
     return Manifest(meta["tree"], tensors, producer, created, user, unknown)
@@ -397,13 +399,12 @@ _LEAVES = frozenset((str, bytes, bool, int, PlainInt, float, type(None), TensorR
 _KEYS = frozenset((str, int))
 
 
-def _check_tree(tree: Any, path: str | None, max_depth: int) -> tuple[list[int], int]:
-    """Check leaf types, key types and nesting depth (§4.2, §8.1).
+def _check_tree(tree: Any, path: str | None, max_depth: int) -> list[int]:
+    """Check leaf types and nesting depth (§4.2, §8.1); return every tensor row referenced.
 
-    Returns every tensor row referenced and the number of values held by all containers.
+    Map keys and duplicates were checked as the maps were decoded.
     """
     refs: list[int] = []
-    size = 0
     stack: list[tuple[Any, int]] = [(tree, 0)]
     while stack:
         node, d = stack.pop()
@@ -411,13 +412,9 @@ def _check_tree(tree: Any, path: str | None, max_depth: int) -> tuple[list[int],
             raise MetadataLimitError(path, f"tree nesting deeper than {max_depth} (raise Limits.max_depth)")
         t = type(node)
         if t is dict:
-            if not set(map(type, node)) <= _KEYS:
-                raise InvalidMetadataError(path, "a tree map key is neither str nor int")
             values: Any = node.values()
-            size += len(node)
         elif t is list or t is tuple:
             values = node
-            size += len(node)
         else:
             values = (node,)
         types = set(map(type, values))
@@ -430,10 +427,10 @@ def _check_tree(tree: Any, path: str | None, max_depth: int) -> tuple[list[int],
             refs.extend(v.index for v in values if type(v) is TensorRef)
         if types & _CONTAINERS:
             stack.extend((v, d + 1) for v in values if type(v) in _CONTAINERS)
-    return refs, size
+    return refs
 
 
-_KNOWN_SECTIONS = frozenset(("tree", "tree_size", "tensors", "producer", "created", "user"))
+_KNOWN_SECTIONS = frozenset(("tree", "tensors", "producer", "created", "user"))
 
 
 def _sections(data: bytes, path: str | None) -> dict[str, tuple[int, int]]:

@@ -304,6 +304,7 @@ class Checkpoint:
         sums = tt.checksum.tolist() if verify and tt.checksum is not None else None
         offsets, sizes, codes = tt.offset.tolist(), tt.nbytes.tolist(), tt.dtype_code.tolist()
         npd = [numpy_dtype(DTYPES[n]) if n in DTYPES else None for n in tt.dtype_names]
+        shapes = tt.shapes()
         out: dict[int, np.ndarray] = {}
         mm = self._map() if mmap else None
         view = memoryview(mm) if mm is not None and sums is not None else None
@@ -313,7 +314,7 @@ class Checkpoint:
                 if dt is None:
                     self._dtype(i)
                 nb, off = sizes[i], offsets[i]
-                shape = tt.shape(i)
+                shape = shapes[i]
                 if nb == 0:
                     arr = np.empty(shape, dtype=dt)
                     if mm is not None:
@@ -367,6 +368,11 @@ class Checkpoint:
                    ) -> Callable[[int, bool], Any]:
         """Row -> user-facing array, made once per row so aliases stay one object."""
         made: dict[tuple[int, bool], Any] = {}
+        if be.name == "numpy" and device in (None, "cpu"):  # arrays come off the file as numpy wants them
+            def as_numpy(row: int, scalar: bool) -> Any:
+                return arrays[row][()] if scalar else arrays[row]
+
+            return as_numpy
 
         def convert(row: int, scalar: bool) -> Any:
             hit = made.get((row, scalar))

@@ -130,7 +130,8 @@ class Writer:
         codes, code_col, ndim_col, shape_col = self._dtype_codes, self._code, self._ndim, self._shape
         offset_col, nbytes_col, sums = self._offset, self._nbytes, self._sums
         mv, do_sum = self._mv, self._checksum
-        small_room = BUFFER_SIZE - SMALL_BLOB - mask
+        small = SMALL_BLOB if BUFFER_SIZE - SMALL_BLOB - mask > 0 else 0
+        native = "<" if _BIG_ENDIAN_HOST else "="
         for arr, dtype in items:
             code = codes.get(dtype.name)
             if code is None:
@@ -140,11 +141,12 @@ class Writer:
             nb = arr.nbytes
             if nb == 0:
                 off, digest = 0, EMPTY_CHECKSUM
-            elif nb < SMALL_BLOB and small_room > 0 and not _needs_conversion(arr):
-                off = (self._pos + mask) & ~mask
-                if self._fill + (off - self._pos) + nb > BUFFER_SIZE:
+            elif nb < small and arr.flags.c_contiguous and arr.dtype.byteorder in (native, "|"):
+                pos = self._pos
+                off = (pos + mask) & ~mask
+                if self._fill + (off - pos) + nb > BUFFER_SIZE:
                     self._flush()
-                fill = self._fill + (off - self._pos)
+                fill = self._fill + (off - pos)
                 try:
                     raw: Any = arr.data.cast("B")
                 except (TypeError, ValueError):  # dtypes without a buffer format, e.g. ml_dtypes
@@ -184,8 +186,7 @@ class Writer:
         return h.intdigest() if self._checksum else 0
 
     # -- end
-    def finish(self, tree: Any, *, tree_size: int, producer: dict[str, Any], created: str,
-               user: dict[str, Any]) -> int:
+    def finish(self, tree: Any, *, producer: dict[str, Any], created: str, user: dict[str, Any]) -> int:
         """Write metadata and footer; return the file size."""
         try:
             meta_offset = align_up(self._pos, self._alignment)
@@ -199,7 +200,7 @@ class Writer:
                 nbytes=np.asarray(self._nbytes, dtype=np.uint64),
                 checksum=np.asarray(self._sums, dtype=np.uint64) if self._checksum else None,
             )
-            meta = pack_metadata(tree, tree_size, table, producer, created, user)
+            meta = pack_metadata(tree, table, producer, created, user)
             self._emit(memoryview(meta))
             self._emit(memoryview(Footer(meta_offset, len(meta), checksum(meta)).pack()))
             self._flush()
