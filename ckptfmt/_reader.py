@@ -5,6 +5,7 @@ from __future__ import annotations
 import mmap as _mmap
 import os
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,6 +41,9 @@ from .errors import (
     UnsupportedDTypeError,
 )
 
+#: Blobs this large are read and hashed on worker threads.
+_PARALLEL_MIN = 4 << 20
+_WORKERS = max(1, min(8, os.cpu_count() or 1))
 _MADV_POPULATE_READ = 22  # Linux 5.14+; older kernels answer EINVAL and we fall back to WILLNEED
 
 
@@ -297,7 +301,9 @@ class Checkpoint:
     def read_rows(self, rows: Iterable[int], *, verify: bool = True, mmap: bool = True) -> dict[int, np.ndarray]:
         """Tensors by table row, as numpy arrays: read-only views of the memory map, or fresh writable arrays.
 
-        With ``verify``, each blob is checked against its checksum before it is returned.
+        With ``verify``, each blob is checked against its checksum before any array is returned.
+        Large blobs are read and hashed on worker threads (both release the GIL), so a load runs
+        on every core.
         """
         self._check_open()
         tt = self.manifest.tensors
@@ -308,35 +314,66 @@ class Checkpoint:
         out: dict[int, np.ndarray] = {}
         mm = self._map() if mmap else None
         view = memoryview(mm) if mm is not None and sums is not None else None
+        fd = self._fd
+        # (row, destination or None for mmap, bytes to hash or None): the work for the threads
+        big: list[tuple[int, Any, Any]] = []
         try:
             for i in rows:
                 dt = npd[codes[i]]
                 if dt is None:
                     self._dtype(i)
                 nb, off = sizes[i], offsets[i]
-                shape = shapes[i]
                 if nb == 0:
-                    arr = np.empty(shape, dtype=dt)
+                    arr = np.empty(shapes[i], dtype=dt)
                     if mm is not None:
                         arr.flags.writeable = False
                 elif mm is not None:
-                    arr = np.ndarray(shape, dtype=dt, buffer=mm, offset=off)
-                    if view is not None and checksum(view[off : off + nb]) != sums[i]:  # type: ignore[index]
-                        raise self._mismatch(i)
+                    arr = np.ndarray(shapes[i], dtype=dt, buffer=mm, offset=off)
+                    if view is not None:
+                        if nb >= _PARALLEL_MIN:
+                            big.append((i, None, view[off : off + nb]))
+                        elif checksum(view[off : off + nb]) != sums[i]:  # type: ignore[index]
+                            raise self._mismatch(i)
                 else:
-                    arr = np.empty(shape, dtype=dt)
+                    arr = np.empty(shapes[i], dtype=dt)
                     raw = arr.reshape(-1).view(np.uint8)
-                    got = _readinto_exact(self._fd, raw.data, off)
-                    if got != nb:
-                        raise TruncatedCheckpointError(self.path, f"tensor {self._key_of(i)!r}: read {got} of {nb} "
-                                                                  "bytes")
-                    if sums is not None and checksum(raw) != sums[i]:
-                        raise self._mismatch(i)
+                    if nb >= _PARALLEL_MIN:
+                        big.append((i, raw, None))
+                    else:
+                        self._read_into(i, raw, fd, off, sums)
                 out[i] = arr
+            if big:
+                self._run_parallel(big, fd, offsets, sums)
         finally:
+            big.clear()  # drop the slices of ``view`` before releasing it
             if view is not None:
                 view.release()
         return out
+
+    def _read_into(self, row: int, raw: np.ndarray, fd: int, offset: int, sums: list[int] | None) -> None:
+        got = _readinto_exact(fd, raw.data, offset)
+        if got != raw.nbytes:
+            raise TruncatedCheckpointError(self.path, f"tensor {self._key_of(row)!r}: read {got} of {raw.nbytes} "
+                                                      "bytes")
+        if sums is not None and checksum(raw) != sums[row]:
+            raise self._mismatch(row)
+
+    def _run_parallel(self, work: list[tuple[int, Any, Any]], fd: int, offsets: list[int],
+                      sums: list[int] | None) -> None:
+        def job(item: tuple[int, Any, Any]) -> None:
+            row, dest, data = item
+            if dest is not None:
+                self._read_into(row, dest, fd, offsets[row], sums)
+            elif sums is not None and checksum(data) != sums[row]:
+                raise self._mismatch(row)
+
+        workers = min(len(work), _WORKERS)
+        if workers == 1:
+            job(work[0])
+            return
+        with ThreadPoolExecutor(workers, thread_name_prefix="ckptfmt-read") as pool:
+            for _ in pool.map(job, work):
+                pass
 
     def get(self, key: str, *, verify: bool = True, mmap: bool = True, backend: str | ArrayBackend = "numpy",
             device: str | None = None) -> Any:
