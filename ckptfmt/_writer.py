@@ -22,9 +22,9 @@ from ._manifest import TensorTable, align_up, blob_region_start, pack_metadata
 
 #: Blobs below this are copied into the batch buffer; larger ones are written in place.
 SMALL_BLOB = 1 << 20
-BUFFER_SIZE = 8 << 20
+BUFFER_SIZE = 4 << 20
 #: Largest temporary made when converting a non-contiguous or byte-swapped array.
-CHUNK_SIZE = 16 << 20
+CHUNK_SIZE = 8 << 20
 _MAX_WRITE = 1 << 30
 _BIG_ENDIAN_HOST = sys.byteorder == "big"
 
@@ -77,7 +77,7 @@ class Writer:
         self._checksum = checksum
         self._buf = bytearray(BUFFER_SIZE)  # zero except [0, _fill): padding is skipped over, not written
         self._mv = memoryview(self._buf)
-        self._zeros = memoryview(bytes(BUFFER_SIZE))
+        self._as_array = np.frombuffer(self._buf, dtype=np.uint8)
         self._fill = 0
         self._pos = 0
         self._pool: ThreadPoolExecutor | None = None
@@ -95,7 +95,7 @@ class Writer:
     def _flush(self) -> None:
         if self._fill:
             write_all(self._fd, self._mv[: self._fill])
-            self._mv[: self._fill] = self._zeros[: self._fill]
+            self._as_array[: self._fill] = 0
             self._fill = 0
 
     def _emit(self, data: memoryview) -> None:
