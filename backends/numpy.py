@@ -16,14 +16,20 @@ class NumpyBackend:
     name = "numpy"
 
     def is_array(self, obj: Any) -> bool:
-        """numpy arrays and numpy scalars (not Python scalars)."""
-        return isinstance(obj, (np.ndarray, np.generic)) and not isinstance(obj, np.object_)
+        """numpy arrays and numeric numpy scalars.
+
+        Not ``np.str_``/``np.bytes_`` (saved as str/bytes), not masked arrays (saving one would drop its mask).
+        """
+        return isinstance(obj, (np.ndarray, np.generic)) and not isinstance(
+            obj, (np.object_, np.str_, np.bytes_, np.ma.MaskedArray))
 
     def host_view(self, obj: Any) -> tuple[np.ndarray, DType, bool]:
-        """The array itself; a scalar becomes a 0-d array flagged as scalar."""
+        """The array as a plain ndarray view; a scalar becomes a 0-d array flagged as scalar."""
         if isinstance(obj, np.generic):
             arr = np.asarray(obj)
             return arr, from_numpy(arr.dtype), True
+        if type(obj) is not np.ndarray:  # subclasses (memmap, matrix, ...): their data, as a plain array
+            obj = obj.view(np.ndarray)
         return obj, from_numpy(obj.dtype), False
 
     def from_host(self, array: np.ndarray, dtype: DType, *, scalar: bool, device: str | None) -> Any:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import math
 import os
 from collections.abc import Iterable
 from typing import Any
@@ -14,10 +15,17 @@ from ._atomic import atomic_write
 from ._backend import ArrayBackend, backend_for
 from ._dtypes import DType, numpy_dtypes
 from ._header import DEFAULT_ALIGNMENT, check_alignment
-from ._manifest import EXT_SCALAR, Limits, TreeEncoder, check_plain, tensor_ref
+from ._keypath import join
+from ._manifest import EXT_SCALAR, EncodeError, Limits, TreeEncoder, check_plain, tensor_ref
 from ._reader import Checkpoint, VerifyReport, plain, walk_leaves
 from ._writer import Writer
-from .errors import CheckpointNotFoundError, CorruptCheckpointError, UnsupportedObjectError, UnsupportedVersionError
+from .errors import (
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    UnsupportedDTypeError,
+    UnsupportedObjectError,
+    UnsupportedVersionError,
+)
 
 __version__ = "0.1.0"
 PRODUCER = {"name": "ckptfmt", "version": __version__}
@@ -42,7 +50,11 @@ def _collect(obj: Any) -> tuple[Any, list[tuple[np.ndarray, DType]]]:
             be = backend_for(leaf)
             if be is None:
                 return None
-            view, dtype, scalar = be.host_view(leaf)
+            try:
+                view, dtype, scalar = be.host_view(leaf)
+            except UnsupportedDTypeError as e:
+                reason = str(e)
+                raise EncodeError(lambda where: UnsupportedDTypeError(f"{where}: {reason}")) from None
         row = len(arrays)
         enc = msgpack.ExtType(EXT_SCALAR, row.to_bytes(4, "little")) if scalar else row
         seen[id(leaf)] = (leaf, enc)  # holding the leaf keeps its id from being reused during this save
@@ -108,8 +120,11 @@ def verify(path: str | os.PathLike[str], *, limits: Limits | None = None) -> Ver
 
 
 def _describe(value: Any) -> Any:
+    """A JSON-safe stand-in for a plain value: bytes by their length, non-finite floats as text."""
     if isinstance(value, bytes):
         return {"type": "bytes", "len": len(value)}
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
     return value
 
 
@@ -157,19 +172,49 @@ def _jsonable(x: Any) -> Any:
 
 def diff(a: str | os.PathLike[str], b: str | os.PathLike[str], *, limits: Limits | None = None
          ) -> dict[str, list[str]]:
-    """Which leaves differ between two checkpoints: ``only_a``, ``only_b``, ``changed`` key paths."""
+    """Which key paths differ between two checkpoints: ``only_a``, ``only_b``, ``changed``.
+
+    Leaves are compared bit for bit (tensors by dtype, shape and bytes); containers by kind (dict,
+    list, tuple), and an empty container counts as a node of its own.
+    """
     with Checkpoint(a, limits=limits) as ca, Checkpoint(b, limits=limits) as cb:
-        la = dict(walk_leaves(ca.manifest.tree))
-        lb = dict(walk_leaves(cb.manifest.tree))
-        changed = [k for k in la if k in lb and not _same_leaf(ca, la[k], cb, lb[k])]
-        return {"only_a": [k for k in la if k not in lb], "only_b": [k for k in lb if k not in la],
+        na, nb = _nodes(ca.manifest.tree), _nodes(cb.manifest.tree)
+        changed = [k for k, x in na.items() if k in nb and not _same_node(ca, x, cb, nb[k])]
+        return {"only_a": [k for k, x in na.items() if k not in nb and _listed(x)],
+                "only_b": [k for k, x in nb.items() if k not in na and _listed(x)],
                 "changed": changed}
 
 
-def _same_leaf(ca: Checkpoint, x: Any, cb: Checkpoint, y: Any) -> bool:
+_CONTAINER_TYPES = (dict, list, tuple)
+
+
+def _nodes(tree: Any) -> dict[str, Any]:
+    """Every node of a decoded tree, containers included, by key path."""
+    out: dict[str, Any] = {}
+    stack: list[tuple[Any, tuple[str | int, ...]]] = [(tree, ())]
+    while stack:
+        node, p = stack.pop()
+        out[join(p)] = node
+        if type(node) is dict:
+            stack.extend((v, (*p, k)) for k, v in node.items())
+        elif type(node) in (list, tuple):
+            stack.extend((v, (*p, i)) for i, v in enumerate(node))
+    return dict(reversed(out.items()))
+
+
+def _listed(node: Any) -> bool:
+    """Leaves and empty containers are reported as missing; a non-empty container is its leaves."""
+    return type(node) not in _CONTAINER_TYPES or len(node) == 0
+
+
+def _same_node(ca: Checkpoint, x: Any, cb: Checkpoint, y: Any) -> bool:
+    if type(x) in _CONTAINER_TYPES or type(y) in _CONTAINER_TYPES:
+        return type(x) is type(y)
     rx, ry = tensor_ref(x), tensor_ref(y)
     if rx is None or ry is None:
-        return rx is None and ry is None and type(plain(x)) is type(plain(y)) and plain(x) == plain(y)
+        # bit-exact: nan equals itself, 0.0 differs from -0.0, 1 differs from True and 1.0
+        return rx is None and ry is None and type(plain(x)) is type(plain(y)) and \
+            msgpack.packb(plain(x)) == msgpack.packb(plain(y))
     ea, eb = ca.entry(rx[0]), cb.entry(ry[0])
     if (ea.dtype, ea.shape, ea.nbytes, rx[1]) != (eb.dtype, eb.shape, eb.nbytes, ry[1]):
         return False

@@ -149,8 +149,11 @@ class Manifest:
 # ------------------------------------------------------------------ writing
 
 
-class _EncodeError(Exception):
-    """Internal: an unsupported value, with the key path filled in as the error unwinds."""
+class EncodeError(Exception):
+    """Raised inside encoding for an unsupported value; the key path is filled in as it unwinds.
+
+    ``make(where)`` builds the user-facing error once the path is known.
+    """
 
     def __init__(self, make: Callable[[str], CheckpointError]) -> None:
         self.make = make
@@ -172,7 +175,7 @@ class TreeEncoder:
         """Encode ``obj``; raises :class:`UnsupportedObjectError` naming the key path of a bad value."""
         try:
             return self._encode(obj, 0)
-        except _EncodeError as e:
+        except EncodeError as e:
             raise e.make(_where(tuple(reversed(e.path)))) from None
 
     def _encode(self, obj: Any, depth: int) -> Any:
@@ -187,7 +190,7 @@ class TreeEncoder:
         if enc is not None:
             return enc
         if depth >= self._max_depth and isinstance(obj, (dict, list, tuple)):
-            raise _EncodeError(lambda w: UnsupportedObjectError(f"{w}: nesting deeper than {self._max_depth}"))
+            raise EncodeError(lambda w: UnsupportedObjectError(f"{w}: nesting deeper than {self._max_depth}"))
         if isinstance(obj, dict):
             return self._encode_dict(obj, depth)
         if isinstance(obj, list):
@@ -196,25 +199,25 @@ class TreeEncoder:
             return msgpack.ExtType(EXT_TUPLE, msgpack.packb(self._encode_seq(obj, depth), use_bin_type=True))
         if isinstance(obj, (bool, int, float, str, bytes)):  # subclasses such as IntEnum: stored as the base type
             return self._encode(_base_value(obj), depth)
-        raise _EncodeError(lambda w: UnsupportedObjectError(
+        raise EncodeError(lambda w: UnsupportedObjectError(
             f"{w}: cannot save a {t.__module__}.{t.__qualname__}; leaves must be arrays, int, float, bool, str, "
             "bytes or None (convert it, e.g. to a dict or str, first)"))
 
     def _encode_seq(self, obj: list[Any] | tuple[Any, ...], depth: int) -> list[Any]:
         if depth >= self._max_depth:
-            raise _EncodeError(lambda w: UnsupportedObjectError(f"{w}: nesting deeper than {self._max_depth}"))
+            raise EncodeError(lambda w: UnsupportedObjectError(f"{w}: nesting deeper than {self._max_depth}"))
         out = []
         for i, v in enumerate(obj):
             try:
                 out.append(self._encode(v, depth + 1))
-            except _EncodeError as e:
+            except EncodeError as e:
                 e.path.append(i)
                 raise
         return out
 
     def _encode_dict(self, obj: dict[Any, Any], depth: int) -> msgpack.ExtType:
         if depth >= self._max_depth:
-            raise _EncodeError(lambda w: UnsupportedObjectError(f"{w}: nesting deeper than {self._max_depth}"))
+            raise EncodeError(lambda w: UnsupportedObjectError(f"{w}: nesting deeper than {self._max_depth}"))
         out: dict[Any, Any] = {}
         has_int = False
         add, enc, d1 = self._add_array, self._encode, depth + 1
@@ -223,7 +226,7 @@ class TreeEncoder:
                 if type(k) is int and -(1 << 63) <= k < (1 << 63):
                     has_int = True
                 else:
-                    raise _EncodeError(_bad_key(k))
+                    raise EncodeError(_bad_key(k))
             tv = type(v)
             try:
                 if tv is str or tv is float or tv is bool or v is None:
@@ -233,11 +236,11 @@ class TreeEncoder:
                 else:
                     found = add(v)
                     out[k] = found if found is not None else enc(v, d1)
-            except _EncodeError as e:
+            except EncodeError as e:
                 e.path.append(k)
                 raise
         if has_int and len({str(k) for k in out}) != len(out):
-            raise _EncodeError(lambda w: InvalidKeyError(
+            raise EncodeError(lambda w: InvalidKeyError(
                 f"{w}: dict has an int key and a str key with the same text (e.g. 1 and '1'); their key "
                 "paths would be equal"))
         return msgpack.ExtType(EXT_MAP, msgpack.packb([list(out), list(out.values())], use_bin_type=True))
@@ -245,7 +248,7 @@ class TreeEncoder:
 
 def _encode_int(value: int) -> msgpack.ExtType:
     if not -(1 << 63) <= value < (1 << 64):
-        raise _EncodeError(lambda w: UnsupportedObjectError(f"{w}: int {value} does not fit in 64 bits"))
+        raise EncodeError(lambda w: UnsupportedObjectError(f"{w}: int {value} does not fit in 64 bits"))
     return msgpack.ExtType(EXT_INT, msgpack.packb(value))
 
 
@@ -274,6 +277,10 @@ def pack_metadata(tree: Any, tensors: TensorTable, producer: dict[str, Any], cre
     return msgpack.packb(meta, use_bin_type=True)
 
 
+class _TooDeep(UnsupportedObjectError):
+    """check_plain's depth error, told apart so that a reader can report a cap (§8.1)."""
+
+
 def check_plain(value: Any, *, max_depth: int = Limits.max_depth, what: str = "user metadata",
                 tuples: bool = True) -> None:
     """Raise :class:`UnsupportedObjectError` unless ``value`` is plain msgpack data (§4.6).
@@ -285,10 +292,13 @@ def check_plain(value: Any, *, max_depth: int = Limits.max_depth, what: str = "u
         v, d = stack.pop()
         t = type(v)
         if d > max_depth:
-            raise UnsupportedObjectError(f"{what} nests deeper than {max_depth}")
+            raise _TooDeep(f"{what} nests deeper than {max_depth}")
         if t is dict:
             if not set(map(type, v)) <= _KEYS:
                 raise UnsupportedObjectError(f"{what}: map keys must be str or int")
+            for k in v:
+                if type(k) is int and not -(1 << 63) <= k < (1 << 64):
+                    raise UnsupportedObjectError(f"{what}: int key {k} does not fit in 64 bits")
             stack.extend((x, d + 1) for x in v.values())
         elif t is list or (t is tuple and tuples):
             stack.extend((x, d + 1) for x in v)
@@ -313,7 +323,7 @@ def parse_manifest(data: bytes, *, path: str | None, minor: int, alignment: int,
 
     def ext_hook(code: int, payload: bytes) -> Any:
         if code == EXT_INT:
-            value = _unpack(payload)
+            value = msgpack.unpackb(payload)
             if type(value) is not int:
                 raise InvalidMetadataError(path, "ext 4 (int) payload is not a msgpack integer")
             return PlainInt(value)
@@ -338,17 +348,24 @@ def parse_manifest(data: bytes, *, path: str | None, minor: int, alignment: int,
                     or len(items[0]) != len(items[1]):
                 raise InvalidMetadataError(path, "a map payload is not two arrays of equal length")
             keys = items[0]
-            if not set(map(type, keys)) <= _KEYS:
+            key_types = set(map(type, keys))
+            if not key_types <= _KEYS:
                 raise InvalidMetadataError(path, "a tree map key is neither str nor int")
             d = dict(zip(keys, items[1], strict=True))
-            if len(d) != len(keys):
-                raise InvalidMetadataError(path, "a tree map has duplicate keys")
+            if len(d) != len(keys) or (int in key_types and len({str(k) for k in keys}) != len(keys)):
+                raise InvalidMetadataError(path, "a tree map has duplicate keys (or an int and a str key with the "
+                                                 "same key path)")
             return d
         raise InvalidMetadataError(path, f"unknown msgpack ext type {code} in the tree")
 
     def _unpack(payload: bytes, tree: bool = False) -> Any:
-        return msgpack.unpackb(payload, raw=False, strict_map_key=False, ext_hook=ext_hook,
-                               object_pairs_hook=_no_maps if tree else _pairs)
+        if tree:
+            return msgpack.unpackb(payload, raw=False, strict_map_key=False, ext_hook=ext_hook,
+                                   object_pairs_hook=_no_maps)
+        return msgpack.unpackb(payload, raw=False, strict_map_key=False, ext_hook=_no_ext, object_pairs_hook=_pairs)
+
+    def _no_ext(code: int, payload: bytes) -> Any:
+        raise InvalidMetadataError(path, f"msgpack ext type {code} outside the tree (only the tree holds ext types)")
 
     def _pairs(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
         d = dict(pairs)
@@ -365,10 +382,11 @@ def parse_manifest(data: bytes, *, path: str | None, minor: int, alignment: int,
     try:
         for key, (start, end) in _sections(data, path).items():
             meta[key] = _unpack(data[start:end], tree=key == "tree")
-    except (InvalidMetadataError, RecursionError) as e:
-        if isinstance(e, InvalidMetadataError):
-            raise
-        raise MetadataLimitError(path, "tree nesting too deep to decode") from None
+    except InvalidMetadataError:
+        raise
+    except (RecursionError, msgpack.exceptions.StackError):
+        raise MetadataLimitError(path, f"metadata nests deeper than the decoder allows (cap {limits.max_depth})"
+                                 ) from None
     except Exception as e:  # msgpack raises several unrelated types on malformed input
         raise InvalidMetadataError(path, f"metadata is not valid msgpack: {type(e).__name__}: {e}") from None
     finally:
@@ -380,15 +398,21 @@ def parse_manifest(data: bytes, *, path: str | None, minor: int, alignment: int,
     producer = meta.get("producer", {})
     user = meta.get("user", {})
     created = meta.get("created", "")
-    if not isinstance(producer, dict) or not isinstance(created, str):
-        raise InvalidMetadataError(path, "metadata 'producer' must be a map and 'created' a str")
+    if not isinstance(producer, dict) or not isinstance(user, dict) or not isinstance(created, str):
+        raise InvalidMetadataError(path, "metadata 'producer' and 'user' must be maps and 'created' a str")
     try:
         check_plain(user, max_depth=limits.max_depth, tuples=False)
         check_plain(producer, max_depth=limits.max_depth, what="producer", tuples=False)
+    except _TooDeep as e:
+        raise MetadataLimitError(path, str(e)) from None
     except UnsupportedObjectError as e:
         raise InvalidMetadataError(path, str(e)) from None
     tensors = _parse_tensor_table(meta["tensors"], path=path, minor=minor, limits=limits)
-    _check_refs(_check_tree(meta["tree"], path, limits.max_depth), len(tensors), path)
+    refs, scalars = _check_tree(meta["tree"], path, limits.max_depth)
+    _check_refs(refs + scalars, len(tensors), path)
+    for row in scalars:
+        if tensors.ndim[row] != 0:
+            raise InvalidMetadataError(path, f"an array-scalar reference names tensor {row}, which is not 0-d")
     check_layout(tensors, alignment=alignment, metadata_offset=metadata_offset, path=path)
     unknown = {k: v for k, v in meta.items() if k not in _KNOWN_SECTIONS}
     return Manifest(meta["tree"], tensors, producer, created, user, unknown)
@@ -399,18 +423,20 @@ _LEAVES = frozenset((str, bytes, bool, int, PlainInt, float, type(None), TensorR
 _KEYS = frozenset((str, int))
 
 
-def _check_tree(tree: Any, path: str | None, max_depth: int) -> list[int]:
-    """Check leaf types and nesting depth (§4.2, §8.1); return every tensor row referenced.
+def _check_tree(tree: Any, path: str | None, max_depth: int) -> tuple[list[int], list[int]]:
+    """Check leaf types and nesting depth (§4.2, §8.1).
 
-    Map keys and duplicates were checked as the maps were decoded.
+    Returns the rows referenced as tensors and those referenced as array scalars. Map keys and
+    duplicates were checked as the maps were decoded.
     """
     refs: list[int] = []
+    scalars: list[int] = []
     stack: list[tuple[Any, int]] = [(tree, 0)]
     while stack:
         node, d = stack.pop()
-        if d > max_depth:
-            raise MetadataLimitError(path, f"tree nesting deeper than {max_depth} (raise Limits.max_depth)")
         t = type(node)
+        if d >= max_depth and t in _CONTAINERS:  # the root container is level 1, as in the writer
+            raise MetadataLimitError(path, f"tree nesting deeper than {max_depth} (raise Limits.max_depth)")
         if t is dict:
             values: Any = node.values()
         elif t is list or t is tuple:
@@ -424,10 +450,10 @@ def _check_tree(tree: Any, path: str | None, max_depth: int) -> list[int]:
         if int in types:
             refs.extend(v for v in values if type(v) is int)
         if TensorRef in types:
-            refs.extend(v.index for v in values if type(v) is TensorRef)
+            scalars.extend(v.index for v in values if type(v) is TensorRef)
         if types & _CONTAINERS:
             stack.extend((v, d + 1) for v in values if type(v) in _CONTAINERS)
-    return refs
+    return refs, scalars
 
 
 _KNOWN_SECTIONS = frozenset(("tree", "tensors", "producer", "created", "user"))
@@ -529,12 +555,18 @@ def _check_sizes(tt: TensorTable, path: str | None) -> None:
     has = tt.ndim > 0
     if has.any():
         starts = (np.cumsum(tt.ndim, dtype=np.int64) - tt.ndim)[has]
-        prod_u[has] = np.multiply.reduceat(tt.shape_flat, starts)
-        prod_f[has] = np.multiply.reduceat(tt.shape_flat.astype(np.float64), starts)
+        # The float product skips zero dimensions: an empty tensor must still have a shape numpy
+        # can represent. Overflow to inf is what we are looking for, not an accident.
+        dims_f = tt.shape_flat.astype(np.float64)
+        dims_f[dims_f == 0] = 1
+        with np.errstate(over="ignore", invalid="ignore"):
+            prod_u[has] = np.multiply.reduceat(tt.shape_flat, starts)
+            prod_f[has] = np.multiply.reduceat(dims_f, starts)
     itemsize = np.array([DTYPES[nm].itemsize if nm in DTYPES else 0 for nm in tt.dtype_names], dtype=np.uint64)
     isz = itemsize[tt.dtype_code]
     known = isz > 0
-    bad = known & ((prod_f * isz > 2.0**62) | (prod_u * isz != tt.nbytes))
+    with np.errstate(over="ignore", invalid="ignore"):
+        bad = known & (~(prod_f * np.maximum(isz, 1) <= 2.0**62) | (prod_u * isz != tt.nbytes))
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
         raise InvalidMetadataError(path, f"tensor {i}: shape {tt.shape(i)} x itemsize {int(isz[i])} != "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import mmap as _mmap
 import os
+import stat
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ from .errors import (
     CorruptCheckpointError,
     InvalidMetadataError,
     MetadataLimitError,
+    NotACheckpointFileError,
     TruncatedCheckpointError,
     UnsupportedDTypeError,
 )
@@ -107,16 +109,21 @@ class Checkpoint:
         self.path = os.fspath(path)
         self._limits = limits or Limits()
         self._mm: _mmap.mmap | None = None
+        self._fd = -1
         try:
-            self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
         except FileNotFoundError:
             raise CheckpointNotFoundError(self.path) from None
         except IsADirectoryError:
-            raise CheckpointError(f"{self.path}: is a directory, not a checkpoint file") from None
+            raise NotACheckpointFileError(f"{self.path}: is a directory, not a checkpoint file") from None
         try:
+            if stat.S_ISDIR(os.fstat(fd).st_mode):
+                raise NotACheckpointFileError(f"{self.path}: is a directory, not a checkpoint file")
+            self._fd = fd
             self._open()
         except BaseException:
-            os.close(self._fd)
+            self._fd = -1
+            os.close(fd)
             raise
 
     def _open(self) -> None:
@@ -220,8 +227,8 @@ class Checkpoint:
 
     def _resolve(self, key: str) -> Any:
         node = self.manifest.tree
-        if key == "":
-            return node
+        if key == "" and not (type(node) is dict and "" in node):
+            return node  # §4.4: the whole tree, unless the root dict has a key ""
         for el in _keypath.split(key):
             if type(node) is dict:
                 if el in node:
@@ -406,8 +413,15 @@ class Checkpoint:
         """Row -> user-facing array, made once per row so aliases stay one object."""
         made: dict[tuple[int, bool], Any] = {}
         if be.name == "numpy" and device in (None, "cpu"):  # arrays come off the file as numpy wants them
+            scalars: dict[int, Any] = {}
+
             def as_numpy(row: int, scalar: bool) -> Any:
-                return arrays[row][()] if scalar else arrays[row]
+                if not scalar:
+                    return arrays[row]
+                hit = scalars.get(row)
+                if hit is None:
+                    hit = scalars[row] = arrays[row][()]
+                return hit
 
             return as_numpy
 
@@ -435,22 +449,32 @@ class Checkpoint:
                 pass
 
     def verify(self, *, progress: Callable[[int], None] | None = None) -> VerifyReport:
-        """Check every blob's checksum and every padding byte; reports corruption instead of raising it."""
+        """Check every blob's checksum and every padding byte; reports corruption instead of raising it.
+
+        Needs no dtype: a file with dtypes this reader does not know is verified all the same.
+        """
         tt = self.manifest.tensors
         report = VerifyReport(self.path, ok=True, checksummed=tt.checksum is not None)
-        for i in range(len(tt)):
-            nb = int(tt.nbytes[i])
-            try:
-                if nb and tt.checksum is not None:
-                    self.read_rows([i], verify=True, mmap=True)
-                self._check_padding(i)
-            except CorruptCheckpointError as e:
-                report.ok = False
-                report.errors.append(e.reason)
-            report.tensors_checked += 1
-            report.bytes_checked += nb
-            if progress is not None:
-                progress(nb)
+        sums = tt.checksum.tolist() if tt.checksum is not None else None
+        offsets, sizes = tt.offset.tolist(), tt.nbytes.tolist()
+        view = memoryview(self._map()) if len(tt) else None
+        try:
+            for i in range(len(tt)):
+                nb, off = sizes[i], offsets[i]
+                try:
+                    if nb and sums is not None and view is not None and checksum(view[off : off + nb]) != sums[i]:
+                        raise self._mismatch(i)
+                    self._check_padding(i)
+                except CorruptCheckpointError as e:
+                    report.ok = False
+                    report.errors.append(e.reason)
+                report.tensors_checked += 1
+                report.bytes_checked += nb
+                if progress is not None:
+                    progress(nb)
+        finally:
+            if view is not None:
+                view.release()
         return report
 
 

@@ -5,6 +5,7 @@ user would catch for the same situation::
 
     CheckpointError (Exception)
     ├── CheckpointNotFoundError (FileNotFoundError)
+    ├── NotACheckpointFileError (IsADirectoryError)
     ├── CorruptCheckpointError (ValueError)
     │   ├── BadMagicError
     │   ├── TruncatedCheckpointError
@@ -32,6 +33,7 @@ __all__ = [
     "InvalidKeyError",
     "InvalidMetadataError",
     "MetadataLimitError",
+    "NotACheckpointFileError",
     "TruncatedCheckpointError",
     "UnsupportedDTypeError",
     "UnsupportedObjectError",
@@ -51,6 +53,13 @@ class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
 
     def __str__(self) -> str:
         return f"checkpoint not found: {self.filename}"
+
+
+class NotACheckpointFileError(CheckpointError, IsADirectoryError):
+    """The path names a directory (or another non-file), not a checkpoint file."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
 
 
 class CorruptCheckpointError(CheckpointError, ValueError):
