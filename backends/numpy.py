@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import ctypes
+from collections.abc import Hashable
 from typing import Any
 
 import numpy as np
 
 from ckptfmt._backend import register_backend
 from ckptfmt._dtypes import DType, from_numpy, numpy_dtype
+
+
+def _owner(arr: np.ndarray) -> Any:
+    """The object that owns ``arr``'s memory: the end of its ``.base`` chain."""
+    while arr.base is not None:
+        if not isinstance(arr.base, np.ndarray):
+            return arr.base
+        arr = arr.base
+    return arr
 
 
 class NumpyBackend:
@@ -32,6 +43,18 @@ class NumpyBackend:
             obj = obj.view(np.ndarray)
         return obj, from_numpy(obj.dtype), False
 
+    def alias_key(self, obj: Any) -> Hashable | None:
+        """Arrays whose ``.base`` chains end at the same object may share bytes."""
+        return ("numpy", id(_owner(obj)))
+
+    def alias_info(self, obj: Any) -> tuple[int, tuple[int, ...]]:
+        """Address of the first element and byte strides."""
+        return obj.__array_interface__["data"][0], tuple(obj.strides)
+
+    def storage_bytes(self, obj: Any, address: int, nbytes: int) -> np.ndarray:
+        """The raw bytes at [address, address + nbytes) of ``obj``'s allocation (valid while ``obj`` lives)."""
+        return np.frombuffer(memoryview((ctypes.c_uint8 * nbytes).from_address(address)), dtype=np.uint8)
+
     def from_host(self, array: np.ndarray, dtype: DType, *, scalar: bool, device: str | None) -> Any:
         """The array, viewed as ``dtype``'s numpy type; a scalar comes back as a numpy scalar."""
         if device not in (None, "cpu"):
@@ -39,6 +62,11 @@ class NumpyBackend:
         if array.dtype != numpy_dtype(dtype):
             array = array.view(numpy_dtype(dtype))
         return array[()] if scalar else array
+
+    def view(self, base: Any, dtype: DType, shape: tuple[int, ...], strides: tuple[int, ...], offset: int) -> Any:
+        """An ndarray over ``base``'s memory (read-only if ``base`` is)."""
+        raw = base.reshape(-1).view(np.uint8)
+        return np.ndarray(shape, dtype=numpy_dtype(dtype), buffer=raw, offset=offset, strides=strides)
 
 
 BACKEND = NumpyBackend()

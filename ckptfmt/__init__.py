@@ -8,7 +8,8 @@
 from __future__ import annotations
 
 from ._api import __version__, diff, inspect, load, open, save, verify  # noqa: A004
-from ._backend import ArrayBackend, get_backend, register_backend
+from ._backend import ArrayBackend, DeviceSource, get_backend, register_backend
+from ._dtypes import DTYPES, DType
 from ._manifest import Limits, TensorEntry
 from ._reader import Checkpoint, TensorInfo, VerifyReport
 from ._versions import FORMAT_MAJOR, FORMAT_MINOR
@@ -32,6 +33,7 @@ from .errors import (
 __all__ = [
     "FORMAT_MAJOR",
     "FORMAT_MINOR",
+    "DTYPES",
     "ArrayBackend",
     "BadMagicError",
     "Checkpoint",
@@ -40,6 +42,8 @@ __all__ = [
     "CheckpointNotFoundError",
     "ChecksumMismatchError",
     "CorruptCheckpointError",
+    "DType",
+    "DeviceSource",
     "InvalidKeyError",
     "InvalidMetadataError",
     "Limits",

@@ -12,56 +12,22 @@ import msgpack
 import numpy as np
 
 from ._atomic import atomic_write
-from ._backend import ArrayBackend, backend_for
-from ._dtypes import DType, numpy_dtypes
+from ._backend import ArrayBackend
 from ._header import DEFAULT_ALIGNMENT, check_alignment
 from ._keypath import join
-from ._manifest import EXT_SCALAR, EncodeError, Limits, TreeEncoder, check_plain, tensor_ref
+from ._manifest import Limits, ViewRef, check_plain, tensor_ref
+from ._plan import plan
 from ._reader import Checkpoint, VerifyReport, plain, walk_leaves
 from ._writer import Writer
 from .errors import (
     CheckpointNotFoundError,
     CorruptCheckpointError,
-    UnsupportedDTypeError,
     UnsupportedObjectError,
     UnsupportedVersionError,
 )
 
 __version__ = "0.1.0"
 PRODUCER = {"name": "ckptfmt", "version": __version__}
-
-
-def _collect(obj: Any) -> tuple[Any, list[tuple[np.ndarray, DType]]]:
-    """Encode the tree, listing each distinct array once (the same object twice is stored once).
-
-    Returns the encoded tree and the arrays in table order.
-    """
-    arrays: list[tuple[np.ndarray, DType]] = []
-    seen: dict[int, tuple[Any, Any]] = {}
-    by_numpy = numpy_dtypes()
-
-    def add_array(leaf: Any) -> Any:
-        hit = seen.get(id(leaf))
-        if hit is not None:
-            return hit[1]
-        if type(leaf) is np.ndarray and leaf.dtype in by_numpy:  # the common case, without dispatch
-            view, dtype, scalar = leaf, by_numpy[leaf.dtype], False
-        else:
-            be = backend_for(leaf)
-            if be is None:
-                return None
-            try:
-                view, dtype, scalar = be.host_view(leaf)
-            except UnsupportedDTypeError as e:
-                reason = str(e)
-                raise EncodeError(lambda where: UnsupportedDTypeError(f"{where}: {reason}")) from None
-        row = len(arrays)
-        enc = msgpack.ExtType(EXT_SCALAR, row.to_bytes(4, "little")) if scalar else row
-        seen[id(leaf)] = (leaf, enc)  # holding the leaf keeps its id from being reused during this save
-        arrays.append((view, dtype))
-        return enc
-
-    return TreeEncoder(add_array).encode(obj), arrays
 
 
 def save(path: str | os.PathLike[str], obj: Any, *, metadata: dict[str, Any] | None = None,
@@ -73,7 +39,7 @@ def save(path: str | os.PathLike[str], obj: Any, *, metadata: dict[str, Any] | N
     a dict of plain values (str, int, float, bool, bytes, None, lists and dicts of them).
     """
     align = check_alignment(DEFAULT_ALIGNMENT if alignment is None else alignment)
-    tree, arrays = _collect(obj)
+    what = plan(obj)
     user = {} if metadata is None else metadata
     if not isinstance(user, dict):
         raise UnsupportedObjectError(f"metadata must be a dict, not {type(user).__name__}")
@@ -82,11 +48,11 @@ def save(path: str | os.PathLike[str], obj: Any, *, metadata: dict[str, Any] | N
     with atomic_write(os.fspath(path), durable=durable) as fd:
         writer = Writer(fd, alignment=align, checksum=checksum)
         try:
-            writer.write_blobs(arrays)
+            writer.write_blobs(what.rows)
         except BaseException:
             writer.close()
             raise
-        writer.finish(tree, producer=PRODUCER, created=created, user=user)
+        writer.finish(what.tree, producer=PRODUCER, created=created, user=user, views=what.views)
 
 
 def open(path: str | os.PathLike[str], *, limits: Limits | None = None) -> Checkpoint:  # noqa: A001
@@ -140,6 +106,12 @@ def inspect(path: str | os.PathLike[str], *, limits: Limits | None = None) -> di
                 e = tt.entry(ref[0])
                 leaves.append({"key": key, "kind": "scalar" if ref[1] else "tensor", "dtype": e.dtype,
                                "shape": list(e.shape), "nbytes": e.nbytes, "offset": e.offset, "row": e.index})
+            elif type(leaf) is ViewRef:
+                info = ckpt.info(key)
+                v = ckpt.manifest.views.entry(leaf.index)
+                leaves.append({"key": key, "kind": "view", "dtype": info.dtype, "shape": list(info.shape),
+                               "nbytes": info.nbytes, "offset": info.offset, "base_row": v.base,
+                               "strides": list(v.strides)})
             else:
                 value = plain(leaf)
                 leaves.append({"key": key, "kind": "value", "type": type(value).__name__, "value": _describe(value)})
@@ -179,7 +151,7 @@ def diff(a: str | os.PathLike[str], b: str | os.PathLike[str], *, limits: Limits
     """
     with Checkpoint(a, limits=limits) as ca, Checkpoint(b, limits=limits) as cb:
         na, nb = _nodes(ca.manifest.tree), _nodes(cb.manifest.tree)
-        changed = [k for k, x in na.items() if k in nb and not _same_node(ca, x, cb, nb[k])]
+        changed = [k for k, x in na.items() if k in nb and not _same_node(ca, x, cb, nb[k], k)]
         return {"only_a": [k for k, x in na.items() if k not in nb and _listed(x)],
                 "only_b": [k for k, x in nb.items() if k not in na and _listed(x)],
                 "changed": changed}
@@ -207,9 +179,14 @@ def _listed(node: Any) -> bool:
     return type(node) not in _CONTAINER_TYPES or len(node) == 0
 
 
-def _same_node(ca: Checkpoint, x: Any, cb: Checkpoint, y: Any) -> bool:
+def _same_node(ca: Checkpoint, x: Any, cb: Checkpoint, y: Any, key: str) -> bool:
     if type(x) in _CONTAINER_TYPES or type(y) in _CONTAINER_TYPES:
         return type(x) is type(y)
+    if type(x) is ViewRef or type(y) is ViewRef:  # compare the values a view shows, whatever stores them
+        if type(x) is not type(y):
+            return False
+        va, vb = ca.get(key), cb.get(key)
+        return bool(va.dtype == vb.dtype and va.shape == vb.shape and va.tobytes() == vb.tobytes())
     rx, ry = tensor_ref(x), tensor_ref(y)
     if rx is None or ry is None:
         # bit-exact: nan equals itself, 0.0 differs from -0.0, 1 differs from True and 1.0

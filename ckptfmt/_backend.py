@@ -8,21 +8,42 @@ first array of their framework, so importing ckptfmt never imports torch or cupy
 from __future__ import annotations
 
 import importlib
-from typing import Any, Protocol, runtime_checkable
+from collections.abc import Hashable, Iterator
+from typing import Any, Protocol, Union, runtime_checkable
 
 import numpy as np
 
 from ._dtypes import DType
 
-__all__ = ["ArrayBackend", "backend_for", "get_backend", "register_backend"]
+__all__ = ["ArrayBackend", "DeviceSource", "Source", "backend_for", "get_backend", "register_backend"]
+
+
+@runtime_checkable
+class DeviceSource(Protocol):
+    """The bytes of an array that lives off the host (a GPU), handed to the writer chunk by chunk."""
+
+    shape: tuple[int, ...]
+    ndim: int
+    itemsize: int
+    nbytes: int
+
+    def chunks(self, limit: int) -> Iterator[np.ndarray]:
+        """The bytes in C order as uint8 host arrays of at most ``limit`` bytes; each stays valid until the next."""
+        ...
+
+
+#: What a backend hands the writer: a host numpy view (any strides) or a device source.
+Source = Union[np.ndarray, DeviceSource]  # noqa: UP007 (a runtime alias: Python 3.10 has no `type`)
 
 
 @runtime_checkable
 class ArrayBackend(Protocol):
     """What the core needs from an array library.
 
-    The writer calls, per leaf: 1. :meth:`is_array` to claim it, 2. :meth:`host_view` to get its
-    bytes. The reader calls :meth:`from_host` once per tensor it returns.
+    The writer calls, per distinct leaf: 1. :meth:`is_array` to claim it; 2. :meth:`host_view` for
+    its bytes; 3. :meth:`alias_key`, and for leaves whose key another leaf shares, 4.
+    :meth:`alias_info` and maybe 5. :meth:`storage_bytes` (spec §4.7). The reader calls
+    :meth:`from_host` once per tensor row it returns and :meth:`view` once per view row.
     """
 
     #: Short name users pass as ``backend=``.
@@ -32,12 +53,28 @@ class ArrayBackend(Protocol):
         """True if ``obj`` is an array (or array scalar) of this library."""
         ...
 
-    def host_view(self, obj: Any) -> tuple[np.ndarray, DType, bool]:
-        """A numpy view of ``obj``'s host bytes (any strides), its canonical dtype, and whether it is a scalar."""
+    def host_view(self, obj: Any) -> tuple[Source, DType, bool]:
+        """``obj``'s bytes (a numpy view of any strides, or a device source), canonical dtype, and is-scalar."""
+        ...
+
+    def alias_key(self, obj: Any) -> Hashable | None:
+        """An identity of the allocation ``obj`` lives in (equal for arrays that may share bytes), or None."""
+        ...
+
+    def alias_info(self, obj: Any) -> tuple[int, tuple[int, ...]]:
+        """The address of ``obj``'s first element and its byte strides, within its allocation."""
+        ...
+
+    def storage_bytes(self, obj: Any, address: int, nbytes: int) -> Source:
+        """``nbytes`` raw bytes of ``obj``'s allocation starting at ``address``."""
         ...
 
     def from_host(self, array: np.ndarray, dtype: DType, *, scalar: bool, device: str | None) -> Any:
         """This library's array over (or copied from) ``array`` holding elements of ``dtype``."""
+        ...
+
+    def view(self, base: Any, dtype: DType, shape: tuple[int, ...], strides: tuple[int, ...], offset: int) -> Any:
+        """An array over the memory of ``base`` (one of ours): element 0 at byte ``offset``, byte ``strides``."""
         ...
 
 

@@ -25,6 +25,8 @@ EXT_TUPLE = 2
 EXT_SCALAR = 3
 EXT_INT = 4
 EXT_MAP = 5
+EXT_VIEW = 6
+_I64 = np.dtype("<i8")
 _U64 = np.dtype("<u8")
 _U8 = np.dtype("u1")
 
@@ -49,6 +51,13 @@ class TensorRef:
 
     index: int
     scalar: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class ViewRef:
+    """A decoded view leaf (ext 6): row ``index`` of the view table (§4.7)."""
+
+    index: int
 
 
 class PlainInt(int):
@@ -134,6 +143,69 @@ class TensorTable:
 
 
 @dataclass(frozen=True)
+class ViewEntry:
+    """One row of the view table (§4.7)."""
+
+    index: int
+    dtype: str
+    shape: tuple[int, ...]
+    strides: tuple[int, ...]
+    base: int
+    offset: int
+
+
+@dataclass
+class ViewTable:
+    """The view table as columns (§4.7)."""
+
+    dtype_names: list[str]
+    dtype_code: np.ndarray
+    ndim: np.ndarray
+    shape_flat: np.ndarray
+    strides_flat: np.ndarray
+    base: np.ndarray
+    offset: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def entry(self, i: int) -> ViewEntry:
+        """Row ``i`` as a :class:`ViewEntry`."""
+        ends = np.cumsum(self.ndim, dtype=np.int64)
+        e, n = int(ends[i]), int(self.ndim[i])
+        return ViewEntry(i, self.dtype_names[int(self.dtype_code[i])],
+                         tuple(self.shape_flat[e - n : e].tolist()), tuple(self.strides_flat[e - n : e].tolist()),
+                         int(self.base[i]), int(self.offset[i]))
+
+    def pack(self) -> dict[str, Any]:
+        """The ``views`` map as written to the file."""
+        return {
+            "count": len(self),
+            "dtypes": self.dtype_names,
+            "dtype": self.dtype_code.astype(_U8).tobytes(),
+            "ndim": self.ndim.astype(_U8).tobytes(),
+            "shape": self.shape_flat.astype(_U64).tobytes(),
+            "strides": self.strides_flat.astype(_I64).tobytes(),
+            "base": self.base.astype(_U64).tobytes(),
+            "offset": self.offset.astype(_U64).tobytes(),
+        }
+
+    @classmethod
+    def build(cls, entries: list[ViewEntry]) -> ViewTable:
+        """A table from rows, in order."""
+        names: dict[str, int] = {}
+        codes = [names.setdefault(e.dtype, len(names)) for e in entries]
+        return cls(list(names), np.asarray(codes, np.uint8), np.asarray([len(e.shape) for e in entries], np.uint8),
+                   np.asarray([d for e in entries for d in e.shape], np.uint64),
+                   np.asarray([s for e in entries for s in e.strides], np.int64),
+                   np.asarray([e.base for e in entries], np.uint64), np.asarray([e.offset for e in entries], np.uint64))
+
+
+EMPTY_VIEWS = ViewTable([], np.zeros(0, np.uint8), np.zeros(0, np.uint8), np.zeros(0, np.uint64),
+                        np.zeros(0, np.int64), np.zeros(0, np.uint64), np.zeros(0, np.uint64))
+
+
+@dataclass(frozen=True)
 class Manifest:
     """The parsed metadata map (§4.1)."""
 
@@ -142,6 +214,7 @@ class Manifest:
     producer: dict[str, Any]
     created: str
     user: dict[str, Any]
+    views: ViewTable
     #: top-level keys this reader does not know (from a later minor version), kept verbatim.
     unknown: dict[str, Any]
 
@@ -271,9 +344,11 @@ def _where(path: tuple[str | int, ...]) -> str:
 
 
 def pack_metadata(tree: Any, tensors: TensorTable, producer: dict[str, Any], created: str,
-                  user: dict[str, Any]) -> bytes:
-    """Serialise the metadata map (§4.1)."""
+                  user: dict[str, Any], views: ViewTable | None = None) -> bytes:
+    """Serialise the metadata map (§4.1); the view table only when there are views."""
     meta = {"tree": tree, "tensors": tensors.pack(), "producer": producer, "created": created, "user": user}
+    if views is not None and len(views):
+        meta["views"] = views.pack()
     return msgpack.packb(meta, use_bin_type=True)
 
 
@@ -327,10 +402,11 @@ def parse_manifest(data: bytes, *, path: str | None, minor: int, alignment: int,
             if type(value) is not int:
                 raise InvalidMetadataError(path, "ext 4 (int) payload is not a msgpack integer")
             return PlainInt(value)
-        if code == EXT_SCALAR:
+        if code in (EXT_SCALAR, EXT_VIEW):
             if len(payload) != 4:
-                raise InvalidMetadataError(path, f"array-scalar reference of {len(payload)} bytes, expected 4")
-            return TensorRef(int.from_bytes(payload, "little"))
+                raise InvalidMetadataError(path, f"ext {code} reference of {len(payload)} bytes, expected 4")
+            row = int.from_bytes(payload, "little")
+            return TensorRef(row) if code == EXT_SCALAR else ViewRef(row)
         if code in (EXT_TUPLE, EXT_MAP):
             depth[0] += 1
             try:
@@ -408,29 +484,33 @@ def parse_manifest(data: bytes, *, path: str | None, minor: int, alignment: int,
     except UnsupportedObjectError as e:
         raise InvalidMetadataError(path, str(e)) from None
     tensors = _parse_tensor_table(meta["tensors"], path=path, minor=minor, limits=limits)
-    refs, scalars = _check_tree(meta["tree"], path, limits.max_depth)
-    _check_refs(refs + scalars, len(tensors), path)
+    views = _parse_views(meta["views"], tensors, path=path, minor=minor, limits=limits) if "views" in meta \
+        else EMPTY_VIEWS
+    refs, scalars, view_refs = _check_tree(meta["tree"], path, limits.max_depth)
+    _check_refs(view_refs, len(views), path, what="views")
+    _check_refs(refs + scalars + views.base.astype(np.int64).tolist(), len(tensors), path)
     for row in scalars:
         if tensors.ndim[row] != 0:
             raise InvalidMetadataError(path, f"an array-scalar reference names tensor {row}, which is not 0-d")
     check_layout(tensors, alignment=alignment, metadata_offset=metadata_offset, path=path)
     unknown = {k: v for k, v in meta.items() if k not in _KNOWN_SECTIONS}
-    return Manifest(meta["tree"], tensors, producer, created, user, unknown)
+    return Manifest(meta["tree"], tensors, producer, created, user, views, unknown)
 
 
 _CONTAINERS = frozenset((dict, list, tuple))
-_LEAVES = frozenset((str, bytes, bool, int, PlainInt, float, type(None), TensorRef))
+_LEAVES = frozenset((str, bytes, bool, int, PlainInt, float, type(None), TensorRef, ViewRef))
 _KEYS = frozenset((str, int))
 
 
-def _check_tree(tree: Any, path: str | None, max_depth: int) -> tuple[list[int], list[int]]:
+def _check_tree(tree: Any, path: str | None, max_depth: int) -> tuple[list[int], list[int], list[int]]:
     """Check leaf types and nesting depth (§4.2, §8.1).
 
-    Returns the rows referenced as tensors and those referenced as array scalars. Map keys and
-    duplicates were checked as the maps were decoded.
+    Returns the rows referenced as tensors, as array scalars, and the view rows referenced. Map
+    keys and duplicates were checked as the maps were decoded.
     """
     refs: list[int] = []
     scalars: list[int] = []
+    view_refs: list[int] = []
     stack: list[tuple[Any, int]] = [(tree, 0)]
     while stack:
         node, d = stack.pop()
@@ -451,12 +531,14 @@ def _check_tree(tree: Any, path: str | None, max_depth: int) -> tuple[list[int],
             refs.extend(v for v in values if type(v) is int)
         if TensorRef in types:
             scalars.extend(v.index for v in values if type(v) is TensorRef)
+        if ViewRef in types:
+            view_refs.extend(v.index for v in values if type(v) is ViewRef)
         if types & _CONTAINERS:
             stack.extend((v, d + 1) for v in values if type(v) in _CONTAINERS)
-    return refs, scalars
+    return refs, scalars, view_refs
 
 
-_KNOWN_SECTIONS = frozenset(("tree", "tensors", "producer", "created", "user"))
+_KNOWN_SECTIONS = frozenset(("tree", "tensors", "producer", "created", "user", "views"))
 
 
 def _sections(data: bytes, path: str | None) -> dict[str, tuple[int, int]]:
@@ -482,11 +564,11 @@ def _sections(data: bytes, path: str | None) -> dict[str, tuple[int, int]]:
     return out
 
 
-def _check_refs(refs: list[int], count: int, path: str | None) -> None:
+def _check_refs(refs: list[int], count: int, path: str | None, what: str = "tensors") -> None:
     """Every reference names a row, and every row is referenced (no hidden payload)."""
     if not refs:
         if count:
-            raise InvalidMetadataError(path, f"{count} tensors are not referenced by the tree")
+            raise InvalidMetadataError(path, f"{count} {what} are not referenced by the tree")
         return
     try:
         arr = np.asarray(refs, dtype=np.int64)
@@ -494,10 +576,10 @@ def _check_refs(refs: list[int], count: int, path: str | None) -> None:
         raise InvalidMetadataError(path, "tree references a tensor row beyond 2**63") from None
     lo, hi = int(arr.min()), int(arr.max())
     if lo < 0 or hi >= count:
-        raise InvalidMetadataError(path, f"tree references tensor {lo if lo < 0 else hi}, but the table has "
+        raise InvalidMetadataError(path, f"a reference to row {lo if lo < 0 else hi} of {what}, which has "
                                          f"rows 0..{count - 1}")
     if np.count_nonzero(np.bincount(arr, minlength=count)) != count:
-        raise InvalidMetadataError(path, "some tensors are not referenced by the tree (hidden payload)")
+        raise InvalidMetadataError(path, f"some {what} are not referenced (hidden payload)")
 
 
 def _column(table: dict[str, Any], name: str, dtype: np.dtype, count: int, path: str | None) -> np.ndarray:
@@ -518,15 +600,7 @@ def _parse_tensor_table(table: Any, *, path: str | None, minor: int, limits: Lim
         raise InvalidMetadataError(path, "tensor table 'count' is not a non-negative int")
     if count > limits.max_tensors:
         raise MetadataLimitError(path, f"{count} tensors, over the cap of {limits.max_tensors}")
-    names = table.get("dtypes")
-    if not isinstance(names, list) or not all(isinstance(n, str) for n in names) or len(names) > 255:
-        raise InvalidMetadataError(path, "tensor table 'dtypes' is not a list of at most 255 str")
-    if len(set(names)) != len(names):
-        raise InvalidMetadataError(path, "tensor table 'dtypes' names a dtype twice")
-    if minor <= FORMAT_MINOR:
-        for n in names:
-            if n not in DTYPES:
-                raise InvalidMetadataError(path, f"unknown dtype {n!r} in a version 1.{minor} file")
+    names = _dtype_names(table, "tensor table", path, minor)
     code = _column(table, "dtype", _U8, count, path)
     ndim = _column(table, "ndim", _U8, count, path)
     if count and int(code.max()) >= len(names):
@@ -541,6 +615,72 @@ def _parse_tensor_table(table: Any, *, path: str | None, minor: int, limits: Lim
     tt = TensorTable(names, code, ndim, shape_flat, offset, nbytes, checksum)
     _check_sizes(tt, path)
     return tt
+
+
+def _parse_views(table: Any, tensors: TensorTable, *, path: str | None, minor: int, limits: Limits) -> ViewTable:
+    """Decode and check the view table (§4.7)."""
+    if not isinstance(table, dict):
+        raise InvalidMetadataError(path, "'views' is not a map")
+    count = table.get("count")
+    if type(count) is not int or count < 0:
+        raise InvalidMetadataError(path, "view table 'count' is not a non-negative int")
+    if count > limits.max_tensors:
+        raise MetadataLimitError(path, f"{count} views, over the cap of {limits.max_tensors}")
+    names = _dtype_names(table, "view table", path, minor)
+    code = _column(table, "dtype", _U8, count, path)
+    ndim = _column(table, "ndim", _U8, count, path)
+    if count and int(code.max()) >= len(names):
+        raise InvalidMetadataError(path, f"view dtype code {int(code.max())} has no entry in 'dtypes'")
+    if count and int(ndim.max()) > limits.max_ndim:
+        raise MetadataLimitError(path, f"a view has {int(ndim.max())} dimensions, over {limits.max_ndim}")
+    total = int(ndim.sum(dtype=np.int64))
+    vt = ViewTable(names, code, ndim, _column(table, "shape", _U64, total, path),
+                   _column(table, "strides", _I64, total, path), _column(table, "base", _U64, count, path),
+                   _column(table, "offset", _U64, count, path))
+    if not count:
+        return vt
+    if int(vt.base.max()) >= len(tensors):
+        raise InvalidMetadataError(path, f"a view's base is row {int(vt.base.max())}, but the tensor table has "
+                                         f"{len(tensors)} rows")
+    if vt.shape_flat.size and int(vt.shape_flat.max()) >= 1 << 63:
+        raise InvalidMetadataError(path, "a view dimension is 2**63 or larger")
+    # per dimension: (shape - 1) * stride, negative and positive parts; exact in int64 once bounded
+    span_f = (vt.shape_flat.astype(np.float64) - 1) * vt.strides_flat.astype(np.float64)
+    if span_f.size and float(np.abs(span_f).max()) >= 2.0**56:
+        raise InvalidMetadataError(path, "a view's extent (shape - 1) x stride reaches 2**56 bytes or more")
+    span = (vt.shape_flat.astype(np.int64) - 1) * vt.strides_flat
+    empty_dim = vt.shape_flat == 0
+    owner = np.repeat(np.arange(count), ndim.astype(np.int64))
+    lo = np.zeros(count, np.int64)
+    hi = np.zeros(count, np.int64)
+    np.add.at(lo, owner, np.where(empty_dim, 0, np.minimum(span, 0)))
+    np.add.at(hi, owner, np.where(empty_dim, 0, np.maximum(span, 0)))
+    is_empty = np.zeros(count, bool)
+    np.logical_or.at(is_empty, owner, empty_dim)
+    itemsize = np.array([DTYPES[n].itemsize if n in DTYPES else 1 for n in names], np.int64)[code]
+    base_nbytes = tensors.nbytes[vt.base.astype(np.int64)].astype(np.int64)
+    offset = vt.offset
+    if int(offset.max()) >= 1 << 62:
+        raise InvalidMetadataError(path, "a view offset is 2**62 or larger")
+    off = offset.astype(np.int64)
+    bad = np.where(is_empty, off > base_nbytes, (off + lo < 0) | (off + hi + itemsize > base_nbytes))
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise InvalidMetadataError(path, f"view {i} reaches outside the blob of its base row {int(vt.base[i])}")
+    return vt
+
+
+def _dtype_names(table: dict[str, Any], what: str, path: str | None, minor: int) -> list[str]:
+    names = table.get("dtypes")
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names) or len(names) > 255:
+        raise InvalidMetadataError(path, f"{what} 'dtypes' is not a list of at most 255 str")
+    if len(set(names)) != len(names):
+        raise InvalidMetadataError(path, f"{what} 'dtypes' names a dtype twice")
+    if minor <= FORMAT_MINOR:
+        for n in names:
+            if n not in DTYPES:
+                raise InvalidMetadataError(path, f"unknown dtype {n!r} in a version 1.{minor} file")
+    return names
 
 
 def _check_sizes(tt: TensorTable, path: str | None) -> None:

@@ -24,6 +24,7 @@ from ._manifest import (
     PlainInt,
     TensorEntry,
     TensorRef,
+    ViewRef,
     align_up,
     blob_region_start,
     parse_manifest,
@@ -211,7 +212,7 @@ class Checkpoint:
 
     def tensor_keys(self) -> list[str]:
         """Key paths of the tensor leaves only."""
-        return [k for k, v in walk_leaves(self.manifest.tree) if tensor_ref(v) is not None]
+        return [k for k, v in walk_leaves(self.manifest.tree) if tensor_ref(v) is not None or type(v) is ViewRef]
 
     def __contains__(self, key: object) -> bool:
         if not isinstance(key, str):
@@ -252,12 +253,26 @@ class Checkpoint:
         return f"#{row}"
 
     def info(self, key: str) -> TensorInfo:
-        """dtype, shape, size and offset of the tensor at ``key``, without reading it."""
-        ref = tensor_ref(self._resolve(key))
+        """dtype, shape, size and offset of the tensor at ``key``, without reading it.
+
+        For a view (§4.7) the offset is that of its first element in the file, and it has no checksum.
+        """
+        node = self._resolve(key)
+        if type(node) is ViewRef:
+            return self._view_info(node.index, key)
+        ref = tensor_ref(node)
         if ref is None:
             raise CheckpointKeyError(f"{self.path}: key {key!r} is not a tensor")
         e = self.manifest.tensors.entry(ref[0])
         return TensorInfo(key, e.dtype, e.shape, e.nbytes, e.offset, e.checksum)
+
+    def _view_info(self, index: int, key: str) -> TensorInfo:
+        v = self.manifest.views.entry(index)
+        size = DTYPES[v.dtype].itemsize if v.dtype in DTYPES else 0
+        n = 1
+        for d in v.shape:
+            n *= d
+        return TensorInfo(key, v.dtype, v.shape, n * size, self.entry(v.base).offset + v.offset, None)
 
     def entry(self, index: int) -> TensorEntry:
         """Row ``index`` of the tensor table."""
@@ -268,6 +283,8 @@ class Checkpoint:
         tt = self.manifest.tensors
 
         def info(row: int, scalar: bool, key: str) -> TensorInfo:
+            if scalar is None:
+                return self._view_info(row, key)
             e = tt.entry(row)
             return TensorInfo(key, e.dtype, e.shape, e.nbytes, e.offset, e.checksum)
 
@@ -400,36 +417,43 @@ class Checkpoint:
             keys = [keys]
         nodes = [(k, self._resolve(k)) for k in keys]
         rows: dict[int, None] = {}
+        views = self.manifest.views
         for _, n in nodes:
             for _, leaf in walk_leaves(n):
                 ref = tensor_ref(leaf)
                 if ref is not None:
                     rows[ref[0]] = None
+                elif type(leaf) is ViewRef:
+                    rows[int(views.base[leaf.index])] = None
         convert = self._converter(self.read_rows(rows, verify=verify, mmap=mmap), be, device)
         return {k: _rebuild(n, convert) for k, n in nodes}
 
     def _converter(self, arrays: dict[int, np.ndarray], be: ArrayBackend, device: str | None
-                   ) -> Callable[[int, bool], Any]:
-        """Row -> user-facing array, made once per row so aliases stay one object."""
-        made: dict[tuple[int, bool], Any] = {}
-        if be.name == "numpy" and device in (None, "cpu"):  # arrays come off the file as numpy wants them
-            scalars: dict[int, Any] = {}
+                   ) -> Callable[[int, bool | None], Any]:
+        """(row, is_scalar) -> user-facing array, made once per row so aliases stay one object.
 
-            def as_numpy(row: int, scalar: bool) -> Any:
-                if not scalar:
-                    return arrays[row]
-                hit = scalars.get(row)
-                if hit is None:
-                    hit = scalars[row] = arrays[row][()]
-                return hit
+        ``is_scalar`` None asks for row ``row`` of the view table instead (§4.7).
+        """
+        made: dict[tuple[int, bool | None], Any] = {}
+        fast = be.name == "numpy" and device in (None, "cpu")  # arrays come off the file as numpy wants them
+        views = self.manifest.views
 
-            return as_numpy
-
-        def convert(row: int, scalar: bool) -> Any:
+        def convert(row: int, scalar: bool | None) -> Any:
+            if fast and scalar is False:
+                return arrays[row]
             hit = made.get((row, scalar))
             if hit is None:
-                hit = made[(row, scalar)] = be.from_host(arrays[row], self._dtype(row), scalar=scalar,
-                                                         device=device)
+                if scalar is None:
+                    v = views.entry(row)
+                    if v.dtype not in DTYPES:
+                        raise UnsupportedDTypeError(f"{self.path}: a view has dtype {v.dtype!r}, unknown to this "
+                                                    "reader; upgrade ckptfmt")
+                    hit = be.view(convert(v.base, False), DTYPES[v.dtype], v.shape, v.strides, v.offset)
+                elif fast:
+                    hit = arrays[row][()]
+                else:
+                    hit = be.from_host(arrays[row], self._dtype(row), scalar=scalar, device=device)
+                made[(row, scalar)] = hit
             return hit
 
         return convert
@@ -502,12 +526,17 @@ def plain(value: Any) -> Any:
     return int(value) if type(value) is PlainInt else value
 
 
-def map_tree(node: Any, leaf: Callable[[int, bool, str], Any], path: tuple[str | int, ...]) -> Any:
-    """Copy a decoded tree, replacing each tensor leaf by ``leaf(row, is_scalar, key_path)``."""
+def map_tree(node: Any, leaf: Callable[[int, Any, str], Any], path: tuple[str | int, ...]) -> Any:
+    """Copy a decoded tree, replacing each tensor leaf by ``leaf(row, is_scalar, key_path)``.
+
+    A view leaf comes as ``leaf(view_row, None, key_path)``.
+    """
     ref = tensor_ref(node)
     if ref is not None:
         return leaf(ref[0], ref[1], _keypath.join(path))
     t = type(node)
+    if t is ViewRef:
+        return leaf(node.index, None, _keypath.join(path))
     if t is dict:
         return {k: map_tree(v, leaf, (*path, k)) for k, v in node.items()}
     if t is list:
@@ -517,7 +546,7 @@ def map_tree(node: Any, leaf: Callable[[int, bool, str], Any], path: tuple[str |
     return plain(node)
 
 
-def _rebuild(node: Any, convert: Callable[[int, bool], Any]) -> Any:
+def _rebuild(node: Any, convert: Callable[[int, bool | None], Any]) -> Any:
     """Copy a decoded tree with tensors in place of references: the hot loop of a full load."""
     t = type(node)
     if t is int:
@@ -528,7 +557,7 @@ def _rebuild(node: Any, convert: Callable[[int, bool], Any]) -> Any:
             tv = type(v)
             if tv is int:
                 out[k] = convert(v, False)
-            elif tv is dict or tv is list or tv is tuple or tv is TensorRef or tv is PlainInt:
+            elif tv is dict or tv is list or tv is tuple or tv is TensorRef or tv is PlainInt or tv is ViewRef:
                 out[k] = _rebuild(v, convert)
             else:
                 out[k] = v
@@ -539,4 +568,6 @@ def _rebuild(node: Any, convert: Callable[[int, bool], Any]) -> Any:
         return tuple(_rebuild(v, convert) for v in node)
     if t is TensorRef:
         return convert(node.index, True)
+    if t is ViewRef:
+        return convert(node.index, None)
     return plain(node)

@@ -14,11 +14,12 @@ from typing import Any
 
 import numpy as np
 
+from ._backend import Source
 from ._checksum import EMPTY_CHECKSUM, checksum, hasher
 from ._dtypes import DType
 from ._footer import Footer
 from ._header import Header
-from ._manifest import TensorTable, align_up, blob_region_start, pack_metadata
+from ._manifest import TensorTable, ViewTable, align_up, blob_region_start, pack_metadata
 
 #: Blobs below this are copied into the batch buffer; larger ones are written in place.
 SMALL_BLOB = 1 << 20
@@ -121,7 +122,7 @@ class Writer:
             pad -= n
 
     # -- blobs
-    def write_blobs(self, items: list[tuple[np.ndarray, DType]]) -> None:
+    def write_blobs(self, items: list[tuple[Source, DType]]) -> None:
         """Append tensors' bytes, in table order.
 
         The loop is written for the many-small-tensors case, where per-tensor overhead is the cost.
@@ -141,7 +142,8 @@ class Writer:
             nb = arr.nbytes
             if nb == 0:
                 off, digest = 0, EMPTY_CHECKSUM
-            elif nb < small and arr.flags.c_contiguous and arr.dtype.byteorder in (native, "|"):
+            elif nb < small and type(arr) is np.ndarray and arr.flags.c_contiguous and \
+                    arr.dtype.byteorder in (native, "|"):
                 pos = self._pos
                 off = (pos + mask) & ~mask
                 if self._fill + (off - pos) + nb > BUFFER_SIZE:
@@ -166,7 +168,14 @@ class Writer:
             nbytes_col.append(nb)
             sums.append(digest)
 
-    def _write_data(self, arr: np.ndarray, nbytes: int) -> int:
+    def _write_data(self, arr: Source, nbytes: int) -> int:
+        if not isinstance(arr, np.ndarray):  # a device array: its chunks arrive in pinned host memory
+            h = hasher()
+            for chunk in arr.chunks(CHUNK_SIZE):
+                if self._checksum:
+                    h.update(chunk.data)
+                self._emit(chunk.data)
+            return h.intdigest() if self._checksum else 0
         if not _needs_conversion(arr):
             raw = _as_bytes(arr)
             if nbytes < SMALL_BLOB or not self._checksum:
@@ -181,12 +190,13 @@ class Writer:
         h = hasher()
         for chunk in contiguous_chunks(arr):
             if self._checksum:
-                h.update(chunk)
+                h.update(chunk.data)
             self._emit(chunk.data)
         return h.intdigest() if self._checksum else 0
 
     # -- end
-    def finish(self, tree: Any, *, producer: dict[str, Any], created: str, user: dict[str, Any]) -> int:
+    def finish(self, tree: Any, *, producer: dict[str, Any], created: str, user: dict[str, Any],
+               views: ViewTable | None = None) -> int:
         """Write metadata and footer; return the file size."""
         try:
             meta_offset = align_up(self._pos, self._alignment)
@@ -200,7 +210,7 @@ class Writer:
                 nbytes=np.asarray(self._nbytes, dtype=np.uint64),
                 checksum=np.asarray(self._sums, dtype=np.uint64) if self._checksum else None,
             )
-            meta = pack_metadata(tree, table, producer, created, user)
+            meta = pack_metadata(tree, table, producer, created, user, views)
             self._emit(memoryview(meta))
             self._emit(memoryview(Footer(meta_offset, len(meta), checksum(meta)).pack()))
             self._flush()

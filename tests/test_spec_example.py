@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 import ckptfmt
-from ckptfmt._api import _collect
+from ckptfmt._plan import plan
 from ckptfmt._writer import Writer
 
 SPEC = Path(__file__).resolve().parent.parent / "spec" / "FORMAT.md"
@@ -29,12 +29,12 @@ def _spec_bytes() -> bytes:
 
 def _write_example(path: str) -> bytes:
     obj = {"w": np.array([1.0, -2.0], dtype=np.float32), "step": 7}
-    tree, arrays = _collect(obj)
+    what = plan(obj)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         writer = Writer(fd, alignment=64)
-        writer.write_blobs(arrays)
-        writer.finish(tree, producer={"name": "ckptfmt", "version": "1.0"},
+        writer.write_blobs(what.rows)
+        writer.finish(what.tree, producer={"name": "ckptfmt", "version": "1.0"},
                       created="2026-01-01T00:00:00Z", user={})
     finally:
         os.close(fd)

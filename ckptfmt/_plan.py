@@ -1,0 +1,184 @@
+"""The save plan: which arrays become tensor rows, which become views, how the tree refers to them.
+
+Arrays are found while the tree is encoded. Those that live in one allocation (spec §4.7) are then
+grouped: identical ones share a row, the others become views of one blob holding the bytes the group
+touches. Most checkpoints share nothing, and then the first encoding is the final one.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+import numpy as np
+
+from ._backend import ArrayBackend, Source, backend_for
+from ._dtypes import DTYPES, DType, numpy_dtypes
+from ._manifest import EXT_SCALAR, EXT_VIEW, EncodeError, TreeEncoder, ViewEntry, ViewTable
+from .errors import UnsupportedDTypeError
+
+_UINT8 = DTYPES["uint8"]
+_BIG = sys.byteorder == "big"
+
+
+@dataclass
+class Leaf:
+    """One distinct array of the object being saved."""
+
+    obj: Any
+    backend: ArrayBackend | None  # None: a plain numpy array taken on the fast path
+    source: Source
+    dtype: DType
+    scalar: bool
+
+
+@dataclass
+class Plan:
+    """What to write: the encoded tree, the tensor rows in table order, and the view table."""
+
+    tree: Any
+    rows: list[tuple[Source, DType]]
+    views: ViewTable | None
+
+
+def plan(obj: Any) -> Plan:
+    """Encode ``obj`` and decide its rows and views."""
+    leaves: list[Leaf] = []
+    seen: dict[int, tuple[Any, Any]] = {}
+    by_numpy = numpy_dtypes()
+
+    def add_array(leaf: Any) -> Any:
+        hit = seen.get(id(leaf))
+        if hit is not None:
+            return hit[1]
+        be: ArrayBackend | None = None
+        source: Source
+        if type(leaf) is np.ndarray and leaf.dtype in by_numpy:  # the common case, without dispatch
+            source, dtype, scalar = leaf, by_numpy[leaf.dtype], False
+        else:
+            be = backend_for(leaf)
+            if be is None:
+                return None
+            try:
+                source, dtype, scalar = be.host_view(leaf)
+            except UnsupportedDTypeError as e:
+                reason = str(e)
+                raise EncodeError(lambda where: UnsupportedDTypeError(f"{where}: {reason}")) from None
+        row = len(leaves)
+        enc = msgpack.ExtType(EXT_SCALAR, row.to_bytes(4, "little")) if scalar else row
+        seen[id(leaf)] = (leaf, enc)  # holding the leaf keeps its id from being reused during this save
+        leaves.append(Leaf(leaf, be, source, dtype, scalar))
+        return enc
+
+    tree = TreeEncoder(add_array).encode(obj)
+    groups = _shared_groups(leaves)
+    if not groups:
+        return Plan(tree, [(leaf.source, leaf.dtype) for leaf in leaves], None)
+    encodings, rows, views = _assign(leaves, groups)
+    final = {id(leaf.obj): enc for leaf, enc in zip(leaves, encodings, strict=True)}
+    tree = TreeEncoder(lambda leaf: final.get(id(leaf))).encode(obj)
+    return Plan(tree, rows, ViewTable.build(views))
+
+
+def _backend(leaf: Leaf) -> ArrayBackend:
+    if leaf.backend is None:
+        found = backend_for(leaf.obj)
+        assert found is not None  # leaves were claimed by a backend when they were found
+        leaf.backend = found
+    return leaf.backend
+
+
+def _shared_groups(leaves: list[Leaf]) -> list[list[int]]:
+    """Indices of leaves that live in one allocation, for allocations holding two leaves or more."""
+    by_key: dict[Any, list[int]] = {}
+    for i, leaf in enumerate(leaves):
+        src = leaf.source
+        if leaf.scalar or src.nbytes == 0:
+            continue
+        if isinstance(src, np.ndarray) and (src.dtype.byteorder == ">" or (src.dtype.byteorder == "=" and _BIG)):
+            continue  # stored converted to little-endian: its bytes are not the allocation's
+        if leaf.backend is None and leaf.obj.base is None:
+            key: Any = ("numpy", id(leaf.obj))  # owns its memory: shares only with views of it
+        else:
+            key = _backend(leaf).alias_key(leaf.obj)
+            if key is None:
+                continue
+        by_key.setdefault(key, []).append(i)
+    return [g for g in by_key.values() if len(g) > 1]
+
+
+def _extent(shape: tuple[int, ...], strides: tuple[int, ...], itemsize: int) -> tuple[int, int]:
+    """Bytes [lo, hi) touched relative to element 0."""
+    lo = sum(min(0, (n - 1) * s) for n, s in zip(shape, strides, strict=True))
+    hi = sum(max(0, (n - 1) * s) for n, s in zip(shape, strides, strict=True)) + itemsize
+    return lo, hi
+
+
+def _c_strides(shape: tuple[int, ...], itemsize: int) -> tuple[int, ...]:
+    out, step = [], itemsize
+    for n in reversed(shape):
+        out.append(step)
+        step *= n
+    return tuple(reversed(out))
+
+
+def _assign(leaves: list[Leaf], groups: list[list[int]]
+            ) -> tuple[list[Any], list[tuple[Source, DType]], list[ViewEntry]]:
+    """Final encoding of every leaf, the stored rows, and the view rows."""
+    # per shared leaf: (address of element 0, byte strides, lo, hi)
+    layout: dict[int, tuple[int, tuple[int, ...], int, int]] = {}
+    group_of: dict[int, int] = {}
+    for g, members in enumerate(groups):
+        for i in members:
+            leaf = leaves[i]
+            addr, strides = _backend(leaf).alias_info(leaf.obj)
+            lo, hi = _extent(leaf.source.shape, strides, leaf.dtype.itemsize)
+            layout[i] = (addr, strides, addr + lo, addr + hi)
+            group_of[i] = g
+
+    encodings: list[Any] = [None] * len(leaves)
+    rows: list[tuple[Source, DType]] = []
+    views: list[ViewEntry] = []
+    view_rows: dict[tuple[Any, ...], int] = {}
+    group_base: dict[int, tuple[int, int]] = {}  # group -> (row, address where the row's blob starts)
+
+    def view_of(i: int, base_row: int, base_addr: int) -> msgpack.ExtType:
+        leaf = leaves[i]
+        addr, strides, _, _ = layout[i]
+        entry = ViewEntry(len(views), leaf.dtype.name, tuple(leaf.source.shape), strides, base_row, addr - base_addr)
+        sig = (entry.dtype, entry.shape, entry.strides, entry.base, entry.offset)
+        row = view_rows.setdefault(sig, len(views))
+        if row == len(views):
+            views.append(entry)
+        return msgpack.ExtType(EXT_VIEW, row.to_bytes(4, "little"))
+
+    for i, leaf in enumerate(leaves):
+        gi = group_of.get(i)
+        if gi is None:
+            encodings[i] = msgpack.ExtType(EXT_SCALAR, len(rows).to_bytes(4, "little")) if leaf.scalar else len(rows)
+            rows.append((leaf.source, leaf.dtype))
+            continue
+        if gi not in group_base:
+            members = groups[gi]
+            lo = min(layout[j][2] for j in members)
+            hi = max(layout[j][3] for j in members)
+            sigs = {(layout[j][0], layout[j][1], tuple(leaves[j].source.shape), leaves[j].dtype.name) for j in members}
+            whole = [j for j in members if layout[j][2] == lo and layout[j][3] == hi
+                     and layout[j][1] == _c_strides(tuple(leaves[j].source.shape), leaves[j].dtype.itemsize)]
+            if len(sigs) == 1 or whole:
+                owner = whole[0] if whole else members[0]
+                group_base[gi] = (len(rows), lo)
+                rows.append((leaves[owner].source, leaves[owner].dtype))
+                for j in members:
+                    same = layout[j][:2] == layout[owner][:2] and leaves[j].source.shape == leaves[owner].source.shape \
+                        and leaves[j].dtype.name == leaves[owner].dtype.name
+                    encodings[j] = group_base[gi][0] if same else None
+            else:
+                first = leaves[members[0]]
+                group_base[gi] = (len(rows), lo)
+                rows.append((_backend(first).storage_bytes(first.obj, lo, hi - lo), _UINT8))
+        if encodings[i] is None:
+            encodings[i] = view_of(i, *group_base[gi])
+    return encodings, rows, views
