@@ -14,6 +14,7 @@ from typing import Any, Protocol, Union, runtime_checkable
 import numpy as np
 
 from ._dtypes import DType
+from .errors import MissingDependencyError
 
 __all__ = ["ArrayBackend", "DeviceSource", "Source", "backend_for", "get_backend", "register_backend"]
 
@@ -80,7 +81,12 @@ class ArrayBackend(Protocol):
 
 _BACKENDS: dict[str, ArrayBackend] = {}
 #: top-level module of an array's type -> ckptfmt module providing its adapter
-_LAZY: dict[str, str] = {"numpy": "ckptfmt.backends.numpy"}
+_LAZY: dict[str, str] = {
+    "numpy": "ckptfmt.backends.numpy",
+    "ml_dtypes": "ckptfmt.backends.numpy",
+    "torch": "ckptfmt.backends.torch",
+    "cupy": "ckptfmt.backends.cupy",
+}
 _BY_MODULE: dict[str, ArrayBackend] = {}
 
 
@@ -120,5 +126,11 @@ def get_backend(name: str) -> ArrayBackend:
         module = _LAZY.get(name)
         if module is None:
             raise ValueError(f"unknown backend {name!r}; known: {sorted(set(_LAZY) | set(_BACKENDS))}")
-        importlib.import_module(module)
+        try:
+            importlib.import_module(module)
+        except ImportError as e:
+            raise MissingDependencyError(
+                f"backend {name!r} needs {e.name or name}; install it with: pip install 'ckptfmt[{name}]'") from e
+    if name not in _BACKENDS:
+        raise ValueError(f"{name!r} is not a backend name; known: {sorted(_BACKENDS)}")
     return _BACKENDS[name]

@@ -294,7 +294,9 @@ class Checkpoint:
     def _map(self) -> _mmap.mmap:
         self._check_open()
         if self._mm is None:
-            self._mm = _mmap.mmap(self._fd, 0, access=_mmap.ACCESS_READ)
+            # Private (copy-on-write) mapping: frameworks that want writable arrays get them, and
+            # writes land in private pages, never in the file. numpy arrays are made read-only.
+            self._mm = _mmap.mmap(self._fd, 0, access=_mmap.ACCESS_COPY)
         return self._mm
 
     def _mismatch(self, row: int) -> ChecksumMismatchError:
@@ -322,8 +324,13 @@ class Checkpoint:
                                         "to this reader; upgrade ckptfmt")
         return found
 
-    def read_rows(self, rows: Iterable[int], *, verify: bool = True, mmap: bool = True) -> dict[int, np.ndarray]:
-        """Tensors by table row, as numpy arrays: read-only views of the memory map, or fresh writable arrays.
+    def read_rows(self, rows: Iterable[int], *, verify: bool = True, mmap: bool = True,
+                  writable: bool = False) -> dict[int, np.ndarray]:
+        """Tensors by table row, as numpy arrays: views of the memory map, or fresh writable arrays.
+
+        Views of the map are read-only unless ``writable``; then writes go to private
+        copy-on-write pages and never reach the file.
+
 
         With ``verify``, each blob is checked against its checksum before any array is returned.
         Large blobs are read and hashed on worker threads (both release the GIL), so a load runs
@@ -349,10 +356,12 @@ class Checkpoint:
                 nb, off = sizes[i], offsets[i]
                 if nb == 0:
                     arr = np.empty(shapes[i], dtype=dt)
-                    if mm is not None:
+                    if mm is not None and not writable:
                         arr.flags.writeable = False
                 elif mm is not None:
                     arr = np.ndarray(shapes[i], dtype=dt, buffer=mm, offset=off)
+                    if not writable:
+                        arr.flags.writeable = False
                     if view is not None:
                         if nb >= _PARALLEL_MIN:
                             big.append((i, None, view[off : off + nb]))
@@ -409,10 +418,9 @@ class Checkpoint:
         """The whole saved object, or ``{key: value}`` for the selected ``keys``."""
         be = get_backend(backend) if isinstance(backend, str) else backend
         if keys is None:
-            if mmap and len(self):
+            if mmap and len(self) and not self._direct(be, device):
                 self._prefault()
-            arrays = self.read_rows(range(len(self)), verify=verify, mmap=mmap)
-            return _rebuild(self.manifest.tree, self._converter(arrays, be, device))
+            return _rebuild(self.manifest.tree, self._read(range(len(self)), be, device, verify=verify, mmap=mmap))
         if isinstance(keys, str):
             keys = [keys]
         nodes = [(k, self._resolve(k)) for k in keys]
@@ -425,17 +433,33 @@ class Checkpoint:
                     rows[ref[0]] = None
                 elif type(leaf) is ViewRef:
                     rows[int(views.base[leaf.index])] = None
-        convert = self._converter(self.read_rows(rows, verify=verify, mmap=mmap), be, device)
+        convert = self._read(rows, be, device, verify=verify, mmap=mmap)
         return {k: _rebuild(n, convert) for k, n in nodes}
 
-    def _converter(self, arrays: dict[int, np.ndarray], be: ArrayBackend, device: str | None
+    @staticmethod
+    def _direct(be: ArrayBackend, device: str | None) -> bool:
+        """Whether blobs go straight to the device (GPU-direct) instead of through host arrays."""
+        return device not in (None, "cpu") and hasattr(be, "read_to_device")
+
+    def _read(self, rows: Iterable[int], be: ArrayBackend, device: str | None, *, verify: bool, mmap: bool
+              ) -> Callable[[int, bool | None], Any]:
+        if self._direct(be, device):
+            self._check_open()
+            made = be.read_to_device(self, list(rows), device, verify=verify)  # type: ignore[attr-defined]
+            return self._converter(made, be, device, ready=True)
+        arrays = self.read_rows(rows, verify=verify, mmap=mmap, writable=getattr(be, "copy_on_write", False))
+        return self._converter(arrays, be, device)
+
+    def _converter(self, arrays: dict[int, Any], be: ArrayBackend, device: str | None, *, ready: bool = False
                    ) -> Callable[[int, bool | None], Any]:
         """(row, is_scalar) -> user-facing array, made once per row so aliases stay one object.
 
-        ``is_scalar`` None asks for row ``row`` of the view table instead (§4.7).
+        ``is_scalar`` None asks for row ``row`` of the view table instead (§4.7). ``ready``: the
+        arrays are the backend's own objects already (a device load), to hand out as they are.
         """
         made: dict[tuple[int, bool | None], Any] = {}
-        fast = be.name == "numpy" and device in (None, "cpu")  # arrays come off the file as numpy wants them
+        # numpy arrays come off the file as numpy wants them; device loads come ready-made
+        fast = ready or (be.name == "numpy" and device in (None, "cpu"))
         views = self.manifest.views
 
         def convert(row: int, scalar: bool | None) -> Any:
@@ -449,6 +473,8 @@ class Checkpoint:
                         raise UnsupportedDTypeError(f"{self.path}: a view has dtype {v.dtype!r}, unknown to this "
                                                     "reader; upgrade ckptfmt")
                     hit = be.view(convert(v.base, False), DTYPES[v.dtype], v.shape, v.strides, v.offset)
+                elif ready:
+                    hit = arrays[row]
                 elif fast:
                     hit = arrays[row][()]
                 else:

@@ -16,7 +16,8 @@ user would catch for the same situation::
     ├── UnsupportedDTypeError (TypeError)
     ├── UnsupportedObjectError (TypeError)
     ├── InvalidKeyError (ValueError)
-    └── CheckpointKeyError (KeyError)
+    ├── CheckpointKeyError (KeyError)
+    └── MissingDependencyError (ImportError)
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ __all__ = [
     "InvalidKeyError",
     "InvalidMetadataError",
     "MetadataLimitError",
+    "MissingDependencyError",
     "NotACheckpointFileError",
     "TruncatedCheckpointError",
     "UnsupportedDTypeError",
@@ -123,3 +125,7 @@ class CheckpointKeyError(CheckpointError, KeyError):
 
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else ""
+
+
+class MissingDependencyError(CheckpointError, ImportError):
+    """An optional dependency (torch, cupy, h5py, ...) is needed and not installed; names the extra."""

@@ -1,0 +1,26 @@
+"""ckptfmt for numpy users: the same four-call surface as the framework modules.
+
+Loads return read-only zero-copy views over a memory map (``mmap=True``) or writable arrays.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from typing import Any
+
+from . import _api
+
+__all__ = ["load", "save"]
+
+
+def save(path: str | os.PathLike[str], obj: Any, *, metadata: dict[str, Any] | None = None,
+         alignment: int | None = None, checksum: bool = True, durable: bool = True) -> None:
+    """Save ``obj`` (nested dicts/lists/tuples of numpy arrays and plain values)."""
+    _api.save(path, obj, metadata=metadata, alignment=alignment, checksum=checksum, durable=durable)
+
+
+def load(path: str | os.PathLike[str], *, keys: Iterable[str] | str | None = None, verify: bool = True,
+         mmap: bool = True) -> Any:
+    """Load with numpy arrays; ``keys`` selects key paths."""
+    return _api.load(path, keys=keys, verify=verify, mmap=mmap, backend="numpy")

@@ -1,0 +1,37 @@
+"""ckptfmt for torch users: save and load nested state with torch tensors, on the device you choose.
+
+    >>> import ckptfmt.torch
+    >>> ckptfmt.torch.save("model.ckpt", model.state_dict())
+    >>> state = ckptfmt.torch.load("model.ckpt", device="cuda:0")
+
+Loads to the CPU are zero-copy: tensors live in a private (copy-on-write) mapping of the file, so
+they are writable, and a write changes only the process's own copy of the touched pages, never the
+file. Tensors that shared storage when saved (tied weights, slices) share it again when loaded.
+Loads to CUDA read blobs in chunks into pinned buffers and copy them to the GPU asynchronously
+(through cuFile when kvikio is installed and ``verify=False``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from typing import Any
+
+from .. import _api
+
+__all__ = ["load", "save"]
+
+
+def save(path: str | os.PathLike[str], obj: Any, *, metadata: dict[str, Any] | None = None,
+         alignment: int | None = None, checksum: bool = True, durable: bool = True) -> None:
+    """Save ``obj`` (e.g. a ``state_dict``; tensors on any device, ``nn.Parameter`` saved as data)."""
+    _api.save(path, obj, metadata=metadata, alignment=alignment, checksum=checksum, durable=durable)
+
+
+def load(path: str | os.PathLike[str], *, device: str = "cpu", keys: Iterable[str] | str | None = None,
+         verify: bool = True, mmap: bool = True) -> Any:
+    """Load as torch tensors on ``device`` ("cpu", "cuda", "cuda:N"); ``keys`` selects key paths.
+
+    ``mmap=False`` reads into fresh memory instead of mapping the file (better on network filesystems).
+    """
+    return _api.load(path, keys=keys, verify=verify, mmap=mmap, backend="torch", device=device)
