@@ -30,6 +30,13 @@ __version__ = "0.1.0"
 PRODUCER = {"name": "ckptfmt", "version": __version__}
 
 
+def _created() -> str:
+    """Now, or ``SOURCE_DATE_EPOCH`` when set (reproducible builds: equal inputs, equal bytes)."""
+    epoch = os.environ.get("SOURCE_DATE_EPOCH")
+    when = _dt.datetime.fromtimestamp(int(epoch), _dt.timezone.utc) if epoch else _dt.datetime.now(_dt.timezone.utc)
+    return when.isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
 def save(path: str | os.PathLike[str], obj: Any, *, metadata: dict[str, Any] | None = None,
          alignment: int | None = None, checksum: bool = True, durable: bool = True) -> None:
     """Write ``obj`` (nested dicts/lists/tuples of arrays and plain values) to ``path``, atomically.
@@ -44,7 +51,7 @@ def save(path: str | os.PathLike[str], obj: Any, *, metadata: dict[str, Any] | N
     if not isinstance(user, dict):
         raise UnsupportedObjectError(f"metadata must be a dict, not {type(user).__name__}")
     check_plain(user)
-    created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+    created = _created()
     with atomic_write(os.fspath(path), durable=durable) as fd:
         writer = Writer(fd, alignment=align, checksum=checksum)
         try:
