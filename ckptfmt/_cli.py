@@ -9,7 +9,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from . import _api
-from .errors import CheckpointError
+from ._backend import get_backend
+from .errors import CheckpointError, MissingDependencyError
 
 
 def _human(n: int) -> str:
@@ -21,8 +22,42 @@ def _human(n: int) -> str:
     return f"{n} B"
 
 
+def _time_load(path: str, device: str) -> dict[str, Any]:
+    """Load the whole checkpoint onto ``device`` and time it (torch if installed, else cupy or numpy)."""
+    import importlib.util
+    import time
+
+    if importlib.util.find_spec("torch") is not None:
+        backend = "torch"
+    elif device != "cpu" and importlib.util.find_spec("cupy") is not None:
+        backend = "cupy"
+    elif device == "cpu":
+        backend = "numpy"
+    else:
+        raise MissingDependencyError(f"loading onto {device!r} needs torch or cupy: pip install 'ckptfmt[torch]'")
+    get_backend(backend)  # import the framework before the clock starts
+    with _api.open(path) as ckpt:
+        nbytes = int(ckpt.manifest.tensors.nbytes.sum()) if len(ckpt) else 0
+        start = time.perf_counter()
+        loaded = ckpt.load(backend=backend, device=device, mmap=backend != "cupy")
+        if backend == "torch" and device != "cpu":
+            import torch
+
+            torch.cuda.synchronize(device)
+        elif backend == "cupy":
+            import cupy
+
+            cupy.cuda.Device().synchronize()
+        seconds = time.perf_counter() - start
+    del loaded
+    return {"device": device, "backend": backend, "bytes": nbytes, "seconds": seconds,
+            "GBps": nbytes / seconds / 1e9 if seconds > 0 else None}
+
+
 def _cmd_inspect(args: argparse.Namespace) -> int:
     summary = _api.inspect(args.path)
+    if args.device:
+        summary["device_load"] = _time_load(args.path, args.device)
     if args.json:
         print(json.dumps(summary, indent=1))
         return 0
@@ -41,7 +76,12 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
             print(f"  {leaf['key']:<{width}}  {leaf['type']:<8} {leaf['value']!r}")
         else:
             shape = "x".join(map(str, leaf["shape"])) or "scalar"
-            print(f"  {leaf['key']:<{width}}  {leaf['dtype']:<8} {shape:<16} {_human(leaf['nbytes'])}")
+            kind = " (view)" if leaf["kind"] == "view" else ""
+            print(f"  {leaf['key']:<{width}}  {leaf['dtype']:<8} {shape:<16} {_human(leaf['nbytes'])}{kind}")
+    if "device_load" in summary:
+        t = summary["device_load"]
+        print(f"load onto {t['device']} ({t['backend']}): {t['seconds']:.3f} s, "
+              f"{(t['GBps'] or 0):.2f} GB/s")
     return 0
 
 
@@ -102,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("inspect", help="show the tree, dtypes, shapes, sizes and metadata")
     s.add_argument("path")
     s.add_argument("--json", action="store_true", help="print a JSON document instead")
+    s.add_argument("--device", help="also time a full load onto this device (cpu, cuda, cuda:N)")
     s.set_defaults(func=_cmd_inspect)
     s = sub.add_parser("verify", help="check every checksum and padding byte (exit 1 if any fails)")
     s.add_argument("path")

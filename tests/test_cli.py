@@ -103,3 +103,12 @@ def test_console_entry_point_as_module(saved: Path) -> None:
                           capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["ok"] is True
+
+
+def test_inspect_times_a_load_onto_a_device(saved: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["inspect", "--json", "--device", "cpu", str(saved)]) == 0
+    timing = json.loads(capsys.readouterr().out)["device_load"]
+    assert timing["device"] == "cpu" and timing["bytes"] == 24 and timing["seconds"] > 0
+    assert timing["backend"] in ("torch", "numpy")
+    assert main(["inspect", "--device", "cpu", str(saved)]) == 0
+    assert "load onto cpu" in capsys.readouterr().out
