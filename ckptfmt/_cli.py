@@ -10,7 +10,10 @@ from typing import Any
 
 from . import _api
 from ._backend import get_backend
-from .errors import CheckpointError, MissingDependencyError
+from .errors import CheckpointError, CheckpointNotFoundError, MissingDependencyError
+
+#: leaves listed by ``inspect`` without ``--all``
+_SHOWN = 40
 
 
 def _human(n: int) -> str:
@@ -70,14 +73,17 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         print("dtypes: " + ", ".join(f"{k} {_human(v)}" for k, v in sorted(summary["dtype_bytes"].items())))
     if summary["metadata"]:
         print("metadata: " + json.dumps(summary["metadata"]))
-    width = max((len(leaf["key"]) for leaf in summary["leaves"]), default=0)
-    for leaf in summary["leaves"]:
+    shown = summary["leaves"] if args.all else summary["leaves"][:_SHOWN]
+    width = max((len(leaf["key"]) for leaf in shown), default=0)
+    for leaf in shown:
         if leaf["kind"] == "value":
             print(f"  {leaf['key']:<{width}}  {leaf['type']:<8} {leaf['value']!r}")
         else:
             shape = "x".join(map(str, leaf["shape"])) or "scalar"
             kind = " (view)" if leaf["kind"] == "view" else ""
             print(f"  {leaf['key']:<{width}}  {leaf['dtype']:<8} {shape:<16} {_human(leaf['nbytes'])}{kind}")
+    if len(shown) < len(summary["leaves"]):
+        print(f"  ... and {len(summary['leaves']) - len(shown)} more leaves (--all shows them, --json lists them)")
     if "device_load" in summary:
         t = summary["device_load"]
         print(f"load onto {t['device']} ({t['backend']}): {t['seconds']:.3f} s, "
@@ -143,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("path")
     s.add_argument("--json", action="store_true", help="print a JSON document instead")
     s.add_argument("--device", help="also time a full load onto this device (cpu, cuda, cuda:N)")
+    s.add_argument("--all", action="store_true", help=f"list every leaf (the default stops after {_SHOWN})")
     s.set_defaults(func=_cmd_inspect)
     s = sub.add_parser("verify", help="check every checksum and padding byte (exit 1 if any fails)")
     s.add_argument("path")
@@ -154,10 +161,37 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("b")
     s.add_argument("--json", action="store_true", help="print a JSON document instead")
     s.set_defaults(func=_cmd_diff)
+    s = sub.add_parser("ls", help="list the checkpoints of a CheckpointManager directory (its index.json)")
+    s.add_argument("directory")
+    s.add_argument("--json", action="store_true", help="print the index as JSON")
+    s.set_defaults(func=_cmd_ls)
     s = sub.add_parser("demo", help="run the end-to-end tour on an embedded default state")
     s.add_argument("--dir", help="keep the demo's files in this directory instead of a temporary one")
     s.set_defaults(func=_cmd_demo)
     return p
+
+
+def _cmd_ls(args: argparse.Namespace) -> int:
+    import datetime as dt
+    import os
+
+    from ._index import read_index
+
+    if not os.path.isdir(args.directory):
+        raise CheckpointNotFoundError(args.directory)
+    entries = [e for e in read_index(args.directory) if os.path.exists(os.path.join(args.directory, e["file"]))]
+    if args.json:
+        print(json.dumps(entries, indent=1))
+        return 0
+    if not entries:
+        print(f"{args.directory}: no checkpoints")
+        return 0
+    print(f"{'step':>10}  {'time (UTC)':<19}  {'size':>10}  file  metadata")
+    for e in entries:
+        when = dt.datetime.fromtimestamp(e["time"], dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+        meta = {k: v for k, v in e.get("metadata", {}).items() if k not in ("kind", "step")}
+        print(f"{e['step']:>10}  {when:<19}  {_human(e['size']):>10}  {e['file']}  {json.dumps(meta)}")
+    return 0
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:

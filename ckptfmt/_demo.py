@@ -5,10 +5,15 @@ Save, inspect, verify, partial load, resume (load and compare bit for bit), and 
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
+from typing import Any
 
 import numpy as np
 
@@ -95,8 +100,51 @@ def run(directory: str | None = None) -> int:
         later = dict(state, step=101)
         _api.save(os.path.join(workdir, "step101.ckpt"), later)
         cli(["diff", path, os.path.join(workdir, "step101.ckpt")])
+        if importlib.util.find_spec("torch") is not None:
+            ok &= _training_demo(os.path.join(workdir, "training"))
+        else:
+            print("== training resume demo skipped: torch is not installed (pip install 'ckptfmt[torch]')")
     finally:
         if directory is None:
             shutil.rmtree(workdir, ignore_errors=True)
     print("demo:", "all steps OK" if ok else "SOME STEPS FAILED")
     return 0 if ok else 1
+
+
+def _train(args: list[str]) -> tuple[int, dict[str, Any]]:
+    """Run the example trainer in a new process; return its exit status and the JSON it printed."""
+    done = subprocess.run([sys.executable, "-m", "ckptfmt.torch.example", *args], capture_output=True, text=True,
+                          check=False)
+    lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
+    if done.returncode not in (0, -9) or (done.returncode == 0 and not lines):
+        print(done.stderr[-2000:], file=sys.stderr)
+    return done.returncode, json.loads(lines[-1]) if lines else {}
+
+
+def _training_demo(workdir: str, steps: int = 24, stop_at: int = 10) -> bool:
+    """Train a tiny transformer straight through, and again killed at ``stop_at`` and resumed: same losses?"""
+    straight, broken = os.path.join(workdir, "straight"), os.path.join(workdir, "resumed")
+    print(f"== training: a tiny transformer LM (bf16 autocast, AdamW, warm-up, dropout, shuffled data), {steps} steps")
+    _, full = _train(["--dir", straight, "--steps", str(steps)])
+    print(f"== training again, killed with SIGKILL right after the checkpoint of step {stop_at} ...")
+    code, _ = _train(["--dir", broken, "--steps", str(steps), "--stop-at", str(stop_at), "--kill"])
+    print(f"   process ended with {'SIGKILL' if code == -9 else f'status {code}'}")
+    print("== ... and resumed in a new process from the latest checkpoint")
+    _, rest = _train(["--dir", broken, "--steps", str(steps)])
+    if not full or not rest:
+        print("   training failed")
+        return False
+    print(f"   {'step':>4}  {'straight':>12}  {'resumed':>12}")
+    same = True
+    for step in range(int(rest["first"]), steps + 1):
+        a, b = full["losses"][str(step)], rest["losses"][str(step)]
+        same &= a == b
+        print(f"   {step:>4}  {a:>12.8f}  {b:>12.8f}  {'==' if a == b else '!='}")
+    same &= full["params"] == rest["params"]
+    print(f"   losses and final parameters {'match bit for bit' if same else 'DIFFER'} "
+          f"(parameter digest {rest['params']})")
+    latest = os.path.join(broken, sorted(n for n in os.listdir(broken) if n.endswith(".ckpt"))[-1])
+    print("== ckptfmt ls / inspect / verify on the run's checkpoints")
+    cli(["ls", broken])
+    cli(["inspect", latest])
+    return same and cli(["verify", latest]) == 0

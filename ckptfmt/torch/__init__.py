@@ -18,8 +18,31 @@ from collections.abc import Iterable
 from typing import Any
 
 from .. import _api
+from ._training import (
+    StateDictMismatchError,
+    TrainingCheckpoint,
+    capture_rng_state,
+    load_checkpoint,
+    restore_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+)
+from .data import ResumableSampler
+from .manager import CheckpointManager
 
-__all__ = ["load", "save"]
+__all__ = [
+    "CheckpointManager",
+    "ResumableSampler",
+    "StateDictMismatchError",
+    "TrainingCheckpoint",
+    "capture_rng_state",
+    "load",
+    "load_checkpoint",
+    "restore_checkpoint",
+    "restore_rng_state",
+    "save",
+    "save_checkpoint",
+]
 
 
 def save(path: str | os.PathLike[str], obj: Any, *, metadata: dict[str, Any] | None = None,
