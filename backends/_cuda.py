@@ -16,6 +16,7 @@ classes. Nothing here runs without a GPU; it is imported lazily by the torch and
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -88,10 +89,12 @@ class _CupyOps:
         return buf[:n]
 
     def stream(self, device: Any) -> Any:
-        return self.cupy.cuda.Stream(non_blocking=True)
+        s = self.cupy.cuda.Stream(non_blocking=True)
+        s.wait_event(self.cupy.cuda.get_current_stream().record())  # after work already queued on the arrays
+        return s
 
     def d2h(self, dst: np.ndarray, src: Any, stream: Any) -> Any:
-        src.get(stream=stream, out=dst)
+        src.get(stream=stream, out=dst, blocking=False)
         ev = self.cupy.cuda.Event()
         ev.record(stream)
         return ev
@@ -136,7 +139,7 @@ class TorchDeviceSource:
     """A CUDA tensor's bytes for the writer (``ckptfmt.DeviceSource``)."""
 
     def __init__(self, t: Any) -> None:
-        self._t = t.contiguous()  # a device-side copy for strided tensors; host memory stays bounded
+        self._t = t
         self.shape = tuple(t.shape)
         self.ndim = t.dim()
         self.itemsize = t.element_size()
@@ -146,7 +149,8 @@ class TorchDeviceSource:
         """Host chunks of at most ``limit`` bytes, each valid until the next is asked for."""
         import torch
 
-        flat = self._t.reshape(-1).view(torch.uint8)
+        # a device-side copy for a strided tensor, made only now that it is written; host memory stays bounded
+        flat = self._t.contiguous().reshape(-1).view(torch.uint8)
         yield from _chunks(_ops("torch"), flat, self.nbytes, self._t.device, limit)
 
 
@@ -154,9 +158,7 @@ class CupyDeviceSource:
     """A cupy array's bytes for the writer (``ckptfmt.DeviceSource``)."""
 
     def __init__(self, a: Any) -> None:
-        import cupy
-
-        self._a = cupy.ascontiguousarray(a)
+        self._a = a
         self.shape = tuple(a.shape)
         self.ndim = a.ndim
         self.itemsize = a.itemsize
@@ -166,17 +168,21 @@ class CupyDeviceSource:
         """Host chunks of at most ``limit`` bytes, each valid until the next is asked for."""
         import cupy
 
-        flat = self._a.reshape(-1).view(cupy.uint8)
-        yield from _chunks(_ops("cupy"), flat, self.nbytes, self._a.device, limit)
+        with self._a.device:
+            flat = cupy.ascontiguousarray(self._a).reshape(-1).view(cupy.uint8)
+            yield from _chunks(_ops("cupy"), flat, self.nbytes, self._a.device, limit)
 
 
-_OPS: dict[str, Any] = {}
+_LOCAL = threading.local()
 
 
 def _ops(kind: str) -> Any:
-    if kind not in _OPS:
-        _OPS[kind] = _TorchOps() if kind == "torch" else _CupyOps()
-    return _OPS[kind]
+    """This thread's staging buffers and framework calls (threads never share a staging buffer)."""
+    ops = getattr(_LOCAL, kind, None)
+    if ops is None:
+        ops = _TorchOps() if kind == "torch" else _CupyOps()
+        setattr(_LOCAL, kind, ops)
+    return ops
 
 
 def _kvikio() -> Any | None:
@@ -219,9 +225,14 @@ def read_rows(kind: str, ckpt: Any, rows: list[int], device: Any, *, verify: boo
             if events[slot] is not None:
                 events[slot].synchronize()  # the copy that last used this buffer is done
             host = ops.host(bufs[slot], n)
-            got = os.preadv(ckpt._fd, [host.data], off + a)
-            if got != n:
-                raise TruncatedCheckpointError(ckpt.path, f"tensor row {row}: short read at byte {off + a}")
+            got = 0
+            while got < n:
+                more = os.preadv(ckpt._fd, [host.data[got:]], off + a + got)
+                if more <= 0:
+                    ops.finish(stream)  # no copy may still read a buffer or write a freed allocation
+                    raise TruncatedCheckpointError(ckpt.path,
+                                                   f"tensor row {row}: the file ends at byte {off + a + got}")
+                got += more
             if sums is not None:
                 h.update(host.data)
             events[slot] = ops.h2d(dst[a : a + n], bufs[slot][:n], stream)
@@ -257,15 +268,15 @@ def read_rows_cupy(ckpt: Any, rows: list[int], device: str, *, verify: bool) -> 
     """``read_rows`` for cupy, each row viewed as its dtype and shape."""
     import cupy
 
-    from ckptfmt._dtypes import numpy_dtype
+    from .cupy import _device_index, cupy_dtype
 
-    index = int(device.partition(":")[2] or 0)
-    with cupy.cuda.Device(index):
+    index = _device_index(device)
+    with cupy.cuda.Device(index if index is not None else cupy.cuda.Device().id):
         raw = read_rows("cupy", ckpt, rows, index, verify=verify)
         tt = ckpt.manifest.tensors
         out = {}
         for row, flat in raw.items():
-            dt = numpy_dtype(ckpt._dtype(row))
+            dt = cupy_dtype(ckpt._dtype(row))
             shape = tt.shape(row)
             out[row] = cupy.empty(shape, dtype=dt) if flat.size == 0 else flat.view(dt).reshape(shape)
     return out

@@ -22,18 +22,18 @@ _NO_CUPY_TYPE: dict[str, np.dtype] = {
 }
 
 
-def _cupy_dtype(dtype: DType) -> np.dtype:
+def cupy_dtype(dtype: DType) -> np.dtype:
     found = _NO_CUPY_TYPE.get(dtype.name)
     return found if found is not None else numpy_dtype(dtype)
 
 
 def _device_index(device: str | None) -> int | None:
-    if device in (None, "cpu"):
+    if device is None:
         return None
     kind, _, index = device.partition(":")
-    if kind not in ("cuda", "gpu"):
+    if kind not in ("cuda", "gpu"):  # "cpu" too: cupy arrays cannot live on the host
         raise ValueError(f"cupy arrays live on a CUDA device ('cuda' or 'cuda:N'), not {device!r}")
-    return int(index or 0)
+    return int(index) if index else None  # "cuda": the current device
 
 
 class CupyBackend:
@@ -66,7 +66,7 @@ class CupyBackend:
     def from_host(self, array: np.ndarray, dtype: DType, *, scalar: bool, device: str | None) -> Any:
         """A device copy of ``array`` (on ``device``, default the current one)."""
         index = _device_index(device)
-        host = array.view(_cupy_dtype(dtype)) if array.size else np.empty(array.shape, _cupy_dtype(dtype))
+        host = array.view(cupy_dtype(dtype)) if array.size else np.empty(array.shape, cupy_dtype(dtype))
         if index is None:
             return cupy.asarray(host)
         with cupy.cuda.Device(index):
@@ -74,7 +74,7 @@ class CupyBackend:
 
     def view(self, base: Any, dtype: DType, shape: tuple[int, ...], strides: tuple[int, ...], offset: int) -> Any:
         """An array over ``base``'s device memory."""
-        return cupy.ndarray(shape, dtype=_cupy_dtype(dtype), memptr=base.data + offset, strides=strides)
+        return cupy.ndarray(shape, dtype=cupy_dtype(dtype), memptr=base.data + offset, strides=strides)
 
     def read_to_device(self, ckpt: Any, rows: list[int], device: str, *, verify: bool) -> dict[int, Any]:
         """Blobs straight into device arrays through pinned buffers (or cuFile); see ``_cuda.read_rows``."""

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from ckptfmt._backend import register_backend
+from ckptfmt._backend import is_host, register_backend
 from ckptfmt._dtypes import DType, from_numpy, numpy_dtype
 
 
@@ -57,7 +57,7 @@ class NumpyBackend:
 
     def from_host(self, array: np.ndarray, dtype: DType, *, scalar: bool, device: str | None) -> Any:
         """The array, viewed as ``dtype``'s numpy type; a scalar comes back as a numpy scalar."""
-        if device not in (None, "cpu"):
+        if not is_host(device):
             raise ValueError(f"the numpy backend holds arrays on the host only, not on {device!r}")
         if array.dtype != numpy_dtype(dtype):
             array = array.view(numpy_dtype(dtype))

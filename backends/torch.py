@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ckptfmt._backend import Source, register_backend
+from ckptfmt._backend import Source, is_host, register_backend
 from ckptfmt._dtypes import DTYPES, DType
 from ckptfmt.errors import UnsupportedDTypeError, UnsupportedObjectError
 
@@ -27,8 +27,8 @@ TORCH_DTYPES: dict[str, torch.dtype] = {
     "float8_e4m3fn": torch.float8_e4m3fn, "float8_e5m2": torch.float8_e5m2,
 }
 _CANONICAL: dict[torch.dtype, DType] = {t: DTYPES[name] for name, t in TORCH_DTYPES.items()}
-#: same-width integer types numpy knows, to expose any tensor's bytes to numpy without conversion
-_RAW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+#: torch dtypes numpy lacks, exposed to numpy as same-width integers holding the same bits
+_RAW = {torch.bfloat16: torch.int16, torch.float8_e4m3fn: torch.uint8, torch.float8_e5m2: torch.uint8}
 
 
 def _plain_tensor(obj: Any) -> torch.Tensor:
@@ -70,15 +70,17 @@ class TorchBackend:
         t = _plain_tensor(obj)
         dtype = _canonical(t)
         if t.device.type == "cpu":
-            return t.view(_RAW[t.element_size()]).numpy(), dtype, False
+            raw = _RAW.get(t.dtype)
+            return (t.view(raw) if raw is not None else t).numpy(), dtype, False
         return _cuda.TorchDeviceSource(t), dtype, False
 
     def alias_key(self, obj: Any) -> Hashable | None:
-        """Tensors of one storage share bytes."""
+        """Tensors of one storage share bytes (not conj/neg views: their bits are resolved into new memory)."""
         t = obj.detach()
-        if t.layout != torch.strided or t.device.type == "meta":
+        if t.layout != torch.strided or t.device.type == "meta" or t.is_conj() or t.is_neg():
             return None
-        return ("torch", str(t.device), t.untyped_storage().data_ptr())
+        storage = t.untyped_storage()
+        return ("torch", str(t.device), storage.data_ptr(), storage.nbytes())
 
     def alias_info(self, obj: Any) -> tuple[int, tuple[int, ...]]:
         """Address of the first element and byte strides."""
@@ -103,7 +105,7 @@ class TorchBackend:
             t = torch.empty(array.shape, dtype=tdt)
         else:
             t = torch.from_numpy(array.reshape(-1).view(np.uint8)).view(tdt).reshape(array.shape)
-        if device not in (None, "cpu"):
+        if not is_host(device):
             t = t.to(device)
         return t
 

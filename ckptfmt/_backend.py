@@ -16,7 +16,7 @@ import numpy as np
 from ._dtypes import DType
 from .errors import MissingDependencyError
 
-__all__ = ["ArrayBackend", "DeviceSource", "Source", "backend_for", "get_backend", "register_backend"]
+__all__ = ["ArrayBackend", "DeviceSource", "Source", "backend_for", "get_backend", "is_host", "register_backend"]
 
 
 @runtime_checkable
@@ -88,6 +88,11 @@ _LAZY: dict[str, str] = {
     "cupy": "ckptfmt.backends.cupy",
 }
 _BY_MODULE: dict[str, ArrayBackend] = {}
+
+
+def is_host(device: str | None) -> bool:
+    """True for a device spec that means host memory: None, "cpu", "cpu:N"."""
+    return device is None or str(device).partition(":")[0] == "cpu"
 
 
 def register_backend(backend: ArrayBackend, *, modules: tuple[str, ...] = ()) -> None:

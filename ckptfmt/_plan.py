@@ -17,7 +17,7 @@ import numpy as np
 from ._backend import ArrayBackend, Source, backend_for
 from ._dtypes import DTYPES, DType, numpy_dtypes
 from ._manifest import EXT_SCALAR, EXT_VIEW, EncodeError, TreeEncoder, ViewEntry, ViewTable
-from .errors import UnsupportedDTypeError
+from .errors import UnsupportedDTypeError, UnsupportedObjectError
 
 _UINT8 = DTYPES["uint8"]
 _BIG = sys.byteorder == "big"
@@ -63,9 +63,9 @@ def plan(obj: Any) -> Plan:
                 return None
             try:
                 source, dtype, scalar = be.host_view(leaf)
-            except UnsupportedDTypeError as e:
-                reason = str(e)
-                raise EncodeError(lambda where: UnsupportedDTypeError(f"{where}: {reason}")) from None
+            except (UnsupportedDTypeError, UnsupportedObjectError) as e:
+                reason, kind = str(e), type(e)
+                raise EncodeError(lambda where: kind(f"{where}: {reason}")) from None
         row = len(leaves)
         enc = msgpack.ExtType(EXT_SCALAR, row.to_bytes(4, "little")) if scalar else row
         seen[id(leaf)] = (leaf, enc)  # holding the leaf keeps its id from being reused during this save
@@ -73,7 +73,7 @@ def plan(obj: Any) -> Plan:
         return enc
 
     tree = TreeEncoder(add_array).encode(obj)
-    groups = _shared_groups(leaves)
+    groups = [c for g in _shared_groups(leaves) for c in _overlapping(leaves, g) if len(c) > 1]
     if not groups:
         return Plan(tree, [(leaf.source, leaf.dtype) for leaf in leaves], None)
     encodings, rows, views = _assign(leaves, groups)
@@ -107,6 +107,31 @@ def _shared_groups(leaves: list[Leaf]) -> list[list[int]]:
                 continue
         by_key.setdefault(key, []).append(i)
     return [g for g in by_key.values() if len(g) > 1]
+
+
+def _overlapping(leaves: list[Leaf], members: list[int]) -> list[list[int]]:
+    """Split one allocation's leaves into runs whose byte ranges overlap.
+
+    Arrays of one allocation that touch disjoint bytes (the tensors of one memory-mapped file, two
+    halves of a buffer) are stored apart: merging them would also store the bytes between them.
+    """
+    spans = []
+    for i in members:
+        leaf = leaves[i]
+        addr, strides = _backend(leaf).alias_info(leaf.obj)
+        lo, hi = _extent(tuple(leaf.source.shape), strides, leaf.dtype.itemsize)
+        spans.append((addr + lo, addr + hi, i))
+    spans.sort()
+    out: list[list[int]] = []
+    end = None
+    for lo, hi, i in spans:
+        if end is None or lo >= end:
+            out.append([i])
+            end = hi
+        else:
+            out[-1].append(i)
+            end = max(end, hi)
+    return out
 
 
 def _extent(shape: tuple[int, ...], strides: tuple[int, ...], itemsize: int) -> tuple[int, int]:

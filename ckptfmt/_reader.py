@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from . import _keypath
-from ._backend import ArrayBackend, get_backend
+from ._backend import ArrayBackend, get_backend, is_host
 from ._checksum import checksum
 from ._dtypes import DTYPES, DType, numpy_dtype
 from ._footer import FOOTER_SIZE, parse_footer
@@ -439,7 +439,7 @@ class Checkpoint:
     @staticmethod
     def _direct(be: ArrayBackend, device: str | None) -> bool:
         """Whether blobs go straight to the device (GPU-direct) instead of through host arrays."""
-        return device not in (None, "cpu") and hasattr(be, "read_to_device")
+        return not is_host(device) and hasattr(be, "read_to_device")
 
     def _read(self, rows: Iterable[int], be: ArrayBackend, device: str | None, *, verify: bool, mmap: bool
               ) -> Callable[[int, bool | None], Any]:
@@ -459,7 +459,7 @@ class Checkpoint:
         """
         made: dict[tuple[int, bool | None], Any] = {}
         # numpy arrays come off the file as numpy wants them; device loads come ready-made
-        fast = ready or (be.name == "numpy" and device in (None, "cpu"))
+        fast = ready or (be.name == "numpy" and is_host(device))
         views = self.manifest.views
 
         def convert(row: int, scalar: bool | None) -> Any:
