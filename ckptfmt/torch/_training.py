@@ -133,6 +133,10 @@ def save_checkpoint(path: str | os.PathLike[str], model: torch.nn.Module | dict[
     """
     if isinstance(loss, torch.Tensor):
         loss = float(loss.detach())
+    if isinstance(loss, np.generic):  # numpy scalars, common for these, stored as plain numbers
+        loss = loss.item()
+    epoch = int(epoch) if isinstance(epoch, np.integer) else epoch
+    step = int(step) if isinstance(step, np.integer) else step
     tree = {
         "kind": KIND,
         "version": VERSION,

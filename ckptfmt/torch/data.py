@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator, Sized
 from typing import Any
 
@@ -12,7 +13,7 @@ from torch.utils.data import Sampler
 class ResumableSampler(Sampler[int]):
     """Shuffled (or sequential) indices, reproducible per epoch, that resume mid-epoch.
 
-    The order of epoch ``e`` is a permutation drawn from a generator seeded with ``seed + e``,
+    The order of epoch ``e`` is a permutation drawn from a generator seeded from ``(seed, e)``,
     independent of any global RNG. The sampler counts the indices it has handed out; its
     ``state_dict()`` (``epoch``, ``seed``, ``offset``) saved in a checkpoint makes a resumed
     sampler continue from the next index. Call :meth:`set_epoch` (or let the iterator run out,
@@ -38,7 +39,9 @@ class ResumableSampler(Sampler[int]):
         if not self.shuffle:
             return list(range(self.size))
         g = torch.Generator()
-        g.manual_seed(self.seed + epoch)
+        # torch's CPU generator keeps only 32 bits of a seed: mix (seed, epoch) into them
+        digest = hashlib.blake2b(f"{self.seed}:{epoch}".encode(), digest_size=4).digest()
+        g.manual_seed(int.from_bytes(digest, "little"))
         return torch.randperm(self.size, generator=g).tolist()
 
     def __iter__(self) -> Iterator[int]:
@@ -69,5 +72,6 @@ class ResumableSampler(Sampler[int]):
         """Continue where the saved sampler stopped; refuses a state for a dataset of another size."""
         if int(state["size"]) != self.size:
             raise ValueError(f"sampler state is for {state['size']} samples, this dataset has {self.size}")
-        self.epoch, self.seed, self.offset = int(state["epoch"]), int(state["seed"]), int(state["offset"])
+        self.epoch, self.seed = int(state["epoch"]), int(state["seed"])
+        self.set_offset(int(state["offset"]))
         self.shuffle = bool(state.get("shuffle", self.shuffle))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import builtins
 import json
+import math
 import os
 import time
 from typing import Any
@@ -61,6 +62,7 @@ class CheckpointManager:
     # -- save
     def save(self, step: int, model: Any, optimizer: Any = None, **what: Any) -> str:
         """Write the checkpoint of ``step`` (arguments as :func:`save_checkpoint`), index it, then prune."""
+        step = int(step)
         path = self.path(step)
         save_checkpoint(path, model, optimizer, step=step, **what)  # atomic and durable
         with _api.open(path) as ckpt:
@@ -91,11 +93,21 @@ class CheckpointManager:
         fsync_directory(self.directory)
 
     # -- load
-    def latest(self) -> int | None:
-        """The step of the newest checkpoint whose file opens and validates, or None."""
+    def latest(self, *, verify: bool = True) -> int | None:
+        """The step of the newest good checkpoint, or None.
+
+        With ``verify`` (the default) every checksum of the candidate is checked, so a checkpoint
+        with a damaged tensor is passed over for the one before it; ``verify=False`` only validates
+        the structure and metadata (fast: O(metadata)).
+        """
         for entry in reversed(self.list()):
+            path = os.path.join(self.directory, entry["file"])
             try:
-                _api.open(os.path.join(self.directory, entry["file"])).close()
+                if verify:
+                    if not _api.verify(path).ok:
+                        continue
+                else:
+                    _api.open(path).close()
             except CheckpointError:
                 continue
             return int(entry["step"])
@@ -128,12 +140,13 @@ class CheckpointManager:
 
 
 def _json_safe(value: Any) -> Any:
+    """Metadata as strict JSON: bytes by their length, nan as null, infinities as the strings "inf"/"-inf"."""
     if isinstance(value, dict):
         return {str(k): _json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_json_safe(v) for v in value]
     if isinstance(value, bytes):
         return {"bytes": len(value)}
-    if isinstance(value, float) and value != value:
-        return None
+    if isinstance(value, float) and not math.isfinite(value):
+        return None if value != value else str(value)
     return value
