@@ -10,6 +10,7 @@ from __future__ import annotations
 from ._api import __version__, diff, inspect, load, open, save, verify  # noqa: A004
 from ._backend import ArrayBackend, DeviceSource, get_backend, register_backend
 from ._dtypes import DTYPES, DType
+from ._lazy import LazyArray
 from ._manifest import Limits, TensorEntry
 from ._reader import Checkpoint, TensorInfo, VerifyReport
 from ._versions import FORMAT_MAJOR, FORMAT_MINOR
@@ -47,6 +48,7 @@ __all__ = [
     "DeviceSource",
     "InvalidKeyError",
     "InvalidMetadataError",
+    "LazyArray",
     "Limits",
     "MetadataLimitError",
     "MissingDependencyError",

@@ -18,7 +18,7 @@ EXPORTS = [
     "DTYPES", "ArrayBackend", "DType", "DeviceSource",
     "BadMagicError", "Checkpoint", "CheckpointError", "CheckpointKeyError", "CheckpointNotFoundError",
     "ChecksumMismatchError", "CorruptCheckpointError", "FORMAT_MAJOR", "FORMAT_MINOR", "InvalidKeyError",
-    "InvalidMetadataError", "Limits", "MetadataLimitError", "MissingDependencyError",
+    "InvalidMetadataError", "LazyArray", "Limits", "MetadataLimitError", "MissingDependencyError",
     "NotACheckpointFileError", "TensorEntry", "TensorInfo",
     "TruncatedCheckpointError", "UnsupportedDTypeError", "UnsupportedObjectError", "UnsupportedVersionError",
     "VerifyReport", "__version__", "diff", "get_backend", "inspect", "load", "open", "register_backend", "save",

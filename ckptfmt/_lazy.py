@@ -1,0 +1,87 @@
+"""Arrays whose bytes are produced on demand, so that a conversion never holds a whole tensor.
+
+A :class:`LazyArray` is saved like any array: the writer asks it for its bytes chunk by chunk
+(the ``DeviceSource`` protocol), so sources such as HDF5 datasets, zip members or distributed-
+checkpoint shards stream into a checkpoint with bounded memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Iterator
+from typing import Any
+
+import numpy as np
+
+from ._backend import register_backend
+from ._dtypes import DType
+
+__all__ = ["LazyArray"]
+
+
+class LazyArray:
+    """A tensor of ``shape`` and canonical ``dtype`` whose C-order bytes ``read(offset, nbytes)`` returns.
+
+    ``read`` is called with consecutive ranges of at most the writer's chunk size and returns a
+    bytes-like object of exactly ``nbytes`` bytes (e.g. a slice of a memory map or a read from a file).
+    """
+
+    def __init__(self, shape: tuple[int, ...], dtype: DType, read: Callable[[int, int], Any]) -> None:
+        self.shape = tuple(int(d) for d in shape)
+        self.dtype = dtype
+        self.ndim = len(self.shape)
+        self.itemsize = dtype.itemsize
+        n = 1
+        for d in self.shape:
+            n *= d
+        self.nbytes = n * dtype.itemsize
+        self._read = read
+
+    def chunks(self, limit: int) -> Iterator[np.ndarray]:
+        """The bytes in order, as uint8 arrays of at most ``limit`` bytes."""
+        step = max(limit - limit % self.itemsize, self.itemsize)
+        for start in range(0, self.nbytes, step):
+            n = min(step, self.nbytes - start)
+            data = np.frombuffer(self._read(start, n), dtype=np.uint8)
+            if data.size != n:
+                raise ValueError(f"lazy array source returned {data.size} bytes, expected {n}")
+            yield data
+
+    def __repr__(self) -> str:
+        return f"LazyArray(shape={self.shape}, dtype={self.dtype.name})"
+
+
+class LazyBackend:
+    """Saves :class:`LazyArray` leaves; nothing is ever loaded as one."""
+
+    name = "lazy"
+
+    def is_array(self, obj: Any) -> bool:
+        """Only :class:`LazyArray`."""
+        return isinstance(obj, LazyArray)
+
+    def host_view(self, obj: Any) -> tuple[Any, DType, bool]:
+        """The lazy array is its own source."""
+        return obj, obj.dtype, False
+
+    def alias_key(self, obj: Any) -> Hashable | None:
+        """Lazy arrays never share memory."""
+        return None
+
+    def alias_info(self, obj: Any) -> tuple[int, tuple[int, ...]]:
+        """Never called: :meth:`alias_key` is None."""
+        raise NotImplementedError("lazy arrays do not alias")
+
+    def storage_bytes(self, obj: Any, address: int, nbytes: int) -> Any:
+        """Never called: :meth:`alias_key` is None."""
+        raise NotImplementedError("lazy arrays do not alias")
+
+    def from_host(self, array: np.ndarray, dtype: DType, *, scalar: bool, device: str | None) -> Any:
+        """Loading is the numpy backend's job; lazy arrays exist only on the way in."""
+        raise TypeError("nothing loads as a LazyArray; use backend='numpy' (or torch, cupy)")
+
+    def view(self, base: Any, dtype: DType, shape: tuple[int, ...], strides: tuple[int, ...], offset: int) -> Any:
+        """See :meth:`from_host`."""
+        raise TypeError("nothing loads as a LazyArray; use backend='numpy' (or torch, cupy)")
+
+
+register_backend(LazyBackend(), modules=("ckptfmt",))
