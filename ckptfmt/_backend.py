@@ -87,7 +87,8 @@ _LAZY: dict[str, str] = {
     "torch": "ckptfmt.backends.torch",
     "cupy": "ckptfmt.backends.cupy",
 }
-_BY_MODULE: dict[str, ArrayBackend] = {}
+#: top-level module of an array's type -> the backends that may claim its arrays, newest first
+_BY_MODULE: dict[str, list[ArrayBackend]] = {}
 
 
 def is_host(device: str | None) -> bool:
@@ -99,15 +100,16 @@ def register_backend(backend: ArrayBackend, *, modules: tuple[str, ...] = ()) ->
     """Make ``backend`` available by name and for arrays whose type lives in one of ``modules``."""
     _BACKENDS[backend.name] = backend
     for m in modules:
-        _BY_MODULE[m] = backend
+        claims = _BY_MODULE.setdefault(m, [])
+        claims[:] = [backend] + [b for b in claims if b.name != backend.name]
 
 
-def _load_for_module(root: str) -> ArrayBackend | None:
+def _load_for_module(root: str) -> list[ArrayBackend]:
     found = _BY_MODULE.get(root)
     if found is None and root in _LAZY:
         importlib.import_module(_LAZY[root])
         found = _BY_MODULE.get(root)
-    return found
+    return found or []
 
 
 def backend_for(obj: Any) -> ArrayBackend | None:
@@ -115,13 +117,13 @@ def backend_for(obj: Any) -> ArrayBackend | None:
     root = type(obj).__module__.partition(".")[0]
     if root in ("builtins",):
         return None
-    be = _load_for_module(root)
-    if be is not None and be.is_array(obj):
-        return be
+    for be in _load_for_module(root):
+        if be.is_array(obj):
+            return be
     if isinstance(obj, (np.ndarray, np.generic)):  # numpy subclasses and ml_dtypes scalars
-        np_be = _load_for_module("numpy")
-        if np_be is not None and np_be.is_array(obj):
-            return np_be
+        for be in _load_for_module("numpy"):
+            if be.is_array(obj):
+                return be
     return None
 
 
