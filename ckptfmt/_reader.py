@@ -457,32 +457,7 @@ class Checkpoint:
         ``is_scalar`` None asks for row ``row`` of the view table instead (§4.7). ``ready``: the
         arrays are the backend's own objects already (a device load), to hand out as they are.
         """
-        made: dict[tuple[int, bool | None], Any] = {}
-        # numpy arrays come off the file as numpy wants them; device loads come ready-made
-        fast = ready or (be.name == "numpy" and is_host(device))
-        views = self.manifest.views
-
-        def convert(row: int, scalar: bool | None) -> Any:
-            if fast and scalar is False:
-                return arrays[row]
-            hit = made.get((row, scalar))
-            if hit is None:
-                if scalar is None:
-                    v = views.entry(row)
-                    if v.dtype not in DTYPES:
-                        raise UnsupportedDTypeError(f"{self.path}: a view has dtype {v.dtype!r}, unknown to this "
-                                                    "reader; upgrade ckptfmt")
-                    hit = be.view(convert(v.base, False), DTYPES[v.dtype], v.shape, v.strides, v.offset)
-                elif ready:
-                    hit = arrays[row]
-                elif fast:
-                    hit = arrays[row][()]
-                else:
-                    hit = be.from_host(arrays[row], self._dtype(row), scalar=scalar, device=device)
-                made[(row, scalar)] = hit
-            return hit
-
-        return convert
+        return _Converter(self, arrays, be, device, ready)
 
     def _prefault(self) -> None:
         mm = self._map()
@@ -526,6 +501,42 @@ class Checkpoint:
             if view is not None:
                 view.release()
         return report
+
+
+class _Converter:
+    """The callable :meth:`Checkpoint._converter` returns.
+
+    A class rather than a closure: a closure that calls itself (views convert their base) is a
+    reference cycle, which would keep every loaded array alive until the garbage collector runs.
+    """
+
+    def __init__(self, ckpt: Checkpoint, arrays: dict[int, Any], be: ArrayBackend, device: str | None,
+                 ready: bool) -> None:
+        self._ckpt, self._arrays, self._be, self._device, self._ready = ckpt, arrays, be, device, ready
+        # numpy arrays come off the file as numpy wants them; device loads come ready-made
+        self._fast = ready or (be.name == "numpy" and is_host(device))
+        self._made: dict[tuple[int, bool | None], Any] = {}
+
+    def __call__(self, row: int, scalar: bool | None) -> Any:
+        if self._fast and scalar is False:
+            return self._arrays[row]
+        hit = self._made.get((row, scalar))
+        if hit is None:
+            if scalar is None:
+                v = self._ckpt.manifest.views.entry(row)
+                if v.dtype not in DTYPES:
+                    raise UnsupportedDTypeError(f"{self._ckpt.path}: a view has dtype {v.dtype!r}, unknown to this "
+                                                "reader; upgrade ckptfmt")
+                hit = self._be.view(self(v.base, False), DTYPES[v.dtype], v.shape, v.strides, v.offset)
+            elif self._ready:
+                hit = self._arrays[row]
+            elif self._fast:
+                hit = self._arrays[row][()]
+            else:
+                hit = self._be.from_host(self._arrays[row], self._ckpt._dtype(row), scalar=scalar,
+                                         device=self._device)
+            self._made[(row, scalar)] = hit
+        return hit
 
 
 def _is_decimal(el: str) -> bool:
