@@ -7,6 +7,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from ._api import __version__, diff, inspect, load, open, save, verify  # noqa: A004
 from ._backend import ArrayBackend, DeviceSource, get_backend, register_backend
 from ._dtypes import DTYPES, DType
@@ -31,6 +33,16 @@ from .errors import (
     UnsupportedObjectError,
     UnsupportedVersionError,
 )
+
+
+def __getattr__(name: str) -> Any:
+    """``ckptfmt.convert`` (a callable module: ``ckptfmt.convert(src, dst)``) is imported on first use."""
+    if name == "convert":
+        import importlib
+
+        return importlib.import_module(".convert", __name__)
+    raise AttributeError(f"module 'ckptfmt' has no attribute {name!r}")
+
 
 __all__ = [
     "FORMAT_MAJOR",
@@ -61,6 +73,7 @@ __all__ = [
     "UnsupportedVersionError",
     "VerifyReport",
     "__version__",
+    "convert",
     "diff",
     "get_backend",
     "inspect",

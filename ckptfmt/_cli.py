@@ -161,6 +161,25 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("b")
     s.add_argument("--json", action="store_true", help="print a JSON document instead")
     s.set_defaults(func=_cmd_diff)
+    s = sub.add_parser("convert", help="convert torch.save, safetensors, npy/npz, HDF5 or DCP checkpoints to ckptfmt")
+    s.add_argument("src", help="file or directory; its format is told by content")
+    s.add_argument("dst")
+    s.add_argument("--allow-pickle", action="store_true",
+                   help="UNSAFE: unpickle content that needs more than torch's weights-only loader (runs code "
+                        "named by the file; only for files you trust)")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.add_argument("--json", action="store_true", help="print the conversion report as JSON")
+    s.set_defaults(func=_cmd_convert)
+    s = sub.add_parser("export", help="write a ckptfmt checkpoint as HDF5, safetensors or a torch.save file")
+    s.add_argument("src")
+    s.add_argument("dst")
+    s.add_argument("--to", required=True, choices=["hdf5", "safetensors", "torch"])
+    s.add_argument("--flatten", help="safetensors only: 'drop' non-tensor leaves, 'copy' shared tensors, or both "
+                                     "('drop,copy'); without it such objects are refused")
+    s.add_argument("--compression", choices=["gzip"], help="HDF5 only: compress datasets")
+    s.add_argument("--compression-opts", type=int, help="HDF5 only: gzip level 0-9")
+    s.add_argument("--chunks", action="store_true", help="HDF5 only: chunked datasets")
+    s.set_defaults(func=_cmd_export)
     s = sub.add_parser("ls", help="list the checkpoints of a CheckpointManager directory (its index.json)")
     s.add_argument("directory")
     s.add_argument("--json", action="store_true", help="print the index as JSON")
@@ -169,6 +188,40 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dir", help="keep the demo's files in this directory instead of a temporary one")
     s.set_defaults(func=_cmd_demo)
     return p
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from . import convert as conversion
+
+    if args.quiet or args.json:
+        report = conversion.convert(args.src, args.dst, allow_pickle=args.allow_pickle)
+    else:
+        from tqdm import tqdm
+
+        with tqdm(unit="B", unit_scale=True, desc="convert", file=sys.stderr) as bar:
+            report = conversion.convert(args.src, args.dst, allow_pickle=args.allow_pickle, progress=bar)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=1))
+    else:
+        print(f"{report.src} ({report.source_format}) -> {report.dst}: {report.tensors} tensors, "
+              f"{_human(report.bytes)} in {report.seconds:.2f} s")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .convert._export import export
+
+    options: dict[str, Any] = {}
+    if args.to == "hdf5":
+        options = {"compression": args.compression, "compression_opts": args.compression_opts,
+                   "chunks": args.chunks}
+    elif args.compression or args.compression_opts is not None or args.chunks:
+        print("ckptfmt: error: --compression, --compression-opts and --chunks apply to --to hdf5 only",
+              file=sys.stderr)
+        return 2
+    export(args.src, args.dst, to=args.to, flatten=args.flatten, **options)
+    print(f"{args.src} -> {args.dst} ({args.to})")
+    return 0
 
 
 def _cmd_ls(args: argparse.Namespace) -> int:

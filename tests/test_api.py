@@ -21,7 +21,8 @@ EXPORTS = [
     "InvalidMetadataError", "LazyArray", "Limits", "MetadataLimitError", "MissingDependencyError",
     "NotACheckpointFileError", "TensorEntry", "TensorInfo",
     "TruncatedCheckpointError", "UnsupportedDTypeError", "UnsupportedObjectError", "UnsupportedVersionError",
-    "VerifyReport", "__version__", "diff", "get_backend", "inspect", "load", "open", "register_backend", "save",
+    "VerifyReport", "__version__", "convert", "diff", "get_backend", "inspect", "load", "open", "register_backend",
+    "save",
     "verify",
 ]
 

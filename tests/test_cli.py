@@ -112,3 +112,30 @@ def test_inspect_times_a_load_onto_a_device(saved: Path, capsys: pytest.CaptureF
     assert timing["backend"] in ("torch", "numpy")
     assert main(["inspect", "--device", "cpu", str(saved)]) == 0
     assert "load onto cpu" in capsys.readouterr().out
+
+
+def test_convert_and_export_commands(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    src = tmp_path / "a.npz"
+    np.savez(src, w=np.arange(6, dtype=np.float32), b=np.ones(2))
+    dst = tmp_path / "a.ckpt"
+    assert main(["convert", "--json", str(src), str(dst)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["source_format"] == "npz" and report["tensors"] == 2
+    assert sorted(ckptfmt.load(dst)) == ["b", "w"]
+    pytest.importorskip("h5py")
+    h5 = tmp_path / "a.h5"
+    assert main(["export", str(dst), str(h5), "--to", "hdf5", "--compression", "gzip"]) == 0
+    back = tmp_path / "b.ckpt"
+    assert main(["convert", "--quiet", str(h5), str(back)]) == 0
+    capsys.readouterr()
+    assert main(["diff", "--json", str(dst), str(back)]) == 0
+    assert main(["export", str(dst), str(tmp_path / "x.st"), "--to", "safetensors", "--chunks"]) == 2
+    assert "hdf5 only" in capsys.readouterr().err
+
+
+def test_convert_refuses_unknown_content(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    junk = tmp_path / "model.pt"
+    junk.write_bytes(b"definitely not a checkpoint" * 10)
+    assert main(["convert", "--quiet", str(junk), str(tmp_path / "o.ckpt")]) == 2
+    assert "ckptfmt: error" in capsys.readouterr().err
+    assert not (tmp_path / "o.ckpt").exists()

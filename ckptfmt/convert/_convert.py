@@ -1,0 +1,146 @@
+"""``convert``: read a checkpoint of another format and write it as one ckptfmt file, streaming."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any, Protocol, Union
+
+from .. import _api
+from ..errors import MissingDependencyError, NotACheckpointFileError, UnsupportedObjectError
+from ._detect import detect
+from ._errors import SameFileError
+from ._lazy import RAW, Progress, prepare
+
+__all__ = ["ConversionReport", "ProgressLike", "convert"]
+
+
+class _TqdmLike(Protocol):
+    def update(self, n: int) -> Any: ...
+
+
+#: a callable receiving the cumulative tensor bytes written, or a tqdm-like object (``update(n)``)
+ProgressLike = Union[Callable[[int], Any], _TqdmLike]  # noqa: UP007 (a runtime alias on Python 3.10)
+
+
+@dataclass(frozen=True)
+class ConversionReport:
+    """What :func:`convert` did."""
+
+    #: the detected source format (one of ``FORMATS``)
+    source_format: str
+    src: str
+    dst: str
+    #: distinct tensors converted (a tensor referenced twice counts once)
+    tensors: int
+    #: their bytes (tensors that share storage count each; the file stores shared bytes once)
+    bytes: int
+    #: size of the written file
+    file_size: int
+    #: wall time of the whole conversion: reading, writing and the final fsync
+    seconds: float
+
+    @property
+    def mb_per_s(self) -> float:
+        """Tensor megabytes (10^6 bytes) converted per second."""
+        return self.bytes / self.seconds / 1e6 if self.seconds > 0 else float("inf")
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict of the fields."""
+        return asdict(self)
+
+
+def _read(fmt: str, src: str, *, allow_pickle: bool) -> tuple[Any, dict[str, Any]]:
+    """(tree, metadata from the source) for a detected format."""
+    if fmt == "ckptfmt":
+        with _api.open(src) as ckpt:  # raw arrays: bfloat16 and float8 pass through without ml_dtypes
+            return ckpt.load(mmap=True, backend=RAW), dict(ckpt.metadata)
+    if fmt in ("torch-zip", "torch-legacy"):
+        from ._torch import load_torch
+
+        return load_torch(src, fmt, allow_pickle=allow_pickle), {}
+    if fmt == "safetensors":
+        from ._safetensors import read_safetensors
+
+        return read_safetensors(src)
+    if fmt == "safetensors-sharded":
+        from ._safetensors import read_sharded
+
+        return read_sharded(src)
+    if fmt == "npy":
+        from ._numpy import read_npy
+
+        return read_npy(src, allow_pickle=allow_pickle), {}
+    if fmt == "npz":
+        from ._numpy import read_npz
+
+        return read_npz(src, allow_pickle=allow_pickle), {}
+    if fmt == "hdf5":
+        return _read_hdf5(src)
+    if fmt == "dcp":
+        from ._dcp import read_dcp
+
+        return read_dcp(src, allow_pickle=allow_pickle), {}
+    raise ValueError(f"unknown source format {fmt!r}")  # detect() returns none other
+
+
+def _read_hdf5(src: str) -> tuple[Any, dict[str, Any]]:
+    try:
+        hdf5 = importlib.import_module(f"{__package__}._hdf5")
+    except ImportError as e:
+        if e.name == "h5py":
+            raise MissingDependencyError("converting HDF5 files needs h5py: pip install 'ckptfmt[hdf5]'") from e
+        raise MissingDependencyError("HDF5 conversion is not available in this installation "
+                                     f"(ckptfmt.convert._hdf5 cannot be imported: {e})") from e
+    tree, meta = hdf5.read_hdf5(src)
+    return tree, dict(meta or {})
+
+
+def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, allow_pickle: bool = False,
+            progress: ProgressLike | None = None, metadata: dict[str, Any] | None = None) -> ConversionReport:
+    """Convert the checkpoint at ``src`` (any format :func:`detect` knows) to a ckptfmt file at ``dst``.
+
+    The format is told by content, not by extension. Tensors keep their dtype, shape and bytes; tensors
+    that shared storage still do; nested containers and plain values keep their structure. The write is
+    atomic (``ckptfmt.save``) and streams: sources are memory-mapped or read a chunk at a time, so a
+    checkpoint larger than the RAM converts.
+
+    ``allow_pickle``: **UNSAFE** — load pickled content (torch files needing globals outside
+    ``torch.load(weights_only=True)``'s allowlist, numpy object arrays, DCP values) with the full
+    pickle module, which runs code named by the file. Only for files you trust. Objects that are not
+    tensors or plain values still cannot be stored: the save then fails with
+    :class:`~ckptfmt.UnsupportedObjectError` naming their key path.
+
+    ``progress``: either a callable, called with the cumulative number of tensor bytes written so far,
+    or a tqdm-like object, whose ``update(n)`` gets the increments (and whose ``total`` is set to the
+    tensor bytes when it has none).
+
+    ``metadata``: plain values merged into the file's user metadata, over the source's own (a
+    safetensors ``__metadata__``, a sharded index's ``metadata``) and over the
+    ``{"converted_from": {"format": ..., "path": <source file name>}}`` entry added to every file.
+    """
+    start = time.perf_counter()
+    src_s, dst_s = os.fspath(src), os.fspath(dst)
+    if metadata is not None and not isinstance(metadata, dict):
+        raise UnsupportedObjectError(f"metadata must be a dict, not {type(metadata).__name__}")
+    fmt = detect(src_s)
+    if os.path.isdir(dst_s):
+        raise NotACheckpointFileError(f"{dst_s}: is a directory; give the path of the file to write")
+    if os.path.exists(dst_s) and os.path.samefile(src_s, dst_s):
+        raise SameFileError(f"{dst_s}: the destination is the source; write the conversion elsewhere")
+    tree, source_meta = _read(fmt, src_s, allow_pickle=allow_pickle)
+    name = os.path.basename(os.path.normpath(os.path.abspath(src_s)))
+    user = {**source_meta, "converted_from": {"format": fmt, "path": name}, **(metadata or {})}
+    tracker = Progress(progress) if progress is not None else None
+    ready = prepare(tree, tracker)
+    del tree
+    if tracker is not None:
+        tracker.start(ready.nbytes)
+    _api.save(dst_s, ready.tree, metadata=user)
+    if tracker is not None:
+        tracker.finish(ready.nbytes)
+    return ConversionReport(fmt, src_s, dst_s, ready.tensors, ready.nbytes, os.path.getsize(dst_s),
+                            time.perf_counter() - start)

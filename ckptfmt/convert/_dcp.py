@@ -1,0 +1,316 @@
+"""torch.distributed.checkpoint (DCP) directories, consolidated into one tree of whole tensors.
+
+A DCP directory holds ``.metadata`` (a pickled ``Metadata``) and ``*.distcp`` files. The metadata maps
+each flattened key to a ``TensorStorageMetadata`` (dtype, global size, chunks with offsets and sizes)
+or a ``BytesStorageMetadata`` (a non-tensor value), and each (key, chunk offset) to a ``_StorageInfo``
+(file, byte offset, length). FileSystemWriter ``torch.save``\\ s every chunk, and every non-tensor value,
+into its byte range. ``planner_data`` maps each flattened key back to its path in the nested state.
+
+Nothing but the metadata is unpickled with the pickle module, and that through
+:class:`RestrictedUnpickler`, which resolves only DCP's metadata classes and a few torch and builtin
+types. Chunks and values are read with ``torch.load(weights_only=True)``. A tensor is read when it
+is written: chunks that are whole slabs along dim 0 are streamed one by one; other layouts are
+assembled in memory one tensor at a time.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import math
+import os
+import pickle
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+from .._dtypes import DTYPES, DType
+from .._writer import contiguous_chunks
+from ..errors import UnsupportedDTypeError
+from ._errors import CorruptSourceError, UnsafePickleError, UnsupportedSourceError
+from ._lazy import LazyArray
+from ._torch import import_torch, torch_load_bytes
+
+__all__ = ["METADATA_FILE", "RestrictedUnpickler", "is_dcp_dir", "read_dcp", "read_dcp_metadata"]
+
+METADATA_FILE = ".metadata"
+SUFFIX = ".distcp"
+#: a .metadata larger than this is refused before it is read
+MAX_METADATA = 1 << 30
+
+_DCP = "torch.distributed.checkpoint"
+#: (module, name) the metadata pickle may name; resolved by import, so a renamed class fails cleanly
+_ALLOWED: frozenset[tuple[str, str]] = frozenset({
+    *((f"{_DCP}.metadata", n) for n in (
+        "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata", "TensorProperties",
+        "_MEM_FORMAT_ENCODING", "MetadataIndex", "StorageMeta")),
+    (f"{_DCP}.filesystem", "_StorageInfo"),
+    # torch < 2.1 spelled TensorProperties from the sharded-tensor package
+    ("torch.distributed._shard.sharded_tensor.metadata", "TensorProperties"),
+    ("torch.distributed._shard.sharded_tensor.metadata", "MEM_FORMAT_ENCODING"),
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),
+    ("collections", "OrderedDict"),
+    ("copyreg", "_reconstructor"),
+    *(("builtins", n) for n in ("object", "set", "frozenset", "tuple", "list", "dict", "int", "float", "str",
+                                 "bytes", "bool", "complex")),
+    *((m, n) for m in ("pathlib", "pathlib._local")
+      for n in ("Path", "PosixPath", "WindowsPath", "PurePath", "PurePosixPath", "PureWindowsPath")),
+})
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """Unpickles DCP metadata: its dataclasses, ``torch.Size``, torch dtypes and layouts, a few builtins.
+
+    Any other global is refused with :class:`UnsafePickleError` naming it, before it is imported.
+    """
+
+    def __init__(self, file: Any, *, path: str) -> None:
+        super().__init__(file)
+        self._path = path
+
+    def find_class(self, module: str, name: str) -> Any:
+        """Resolve an allowlisted global; refuse the rest."""
+        torch = import_torch()
+        if module == "torch" and name != "Size":
+            obj = getattr(torch, name, None)
+            if isinstance(obj, (torch.dtype, torch.layout, torch.memory_format)):
+                return obj
+        elif (module, name) in _ALLOWED:
+            return super().find_class(module, name)
+        raise UnsafePickleError(self._path, f"the DCP metadata pickle names {module}.{name}, which is not one of "
+                                            "DCP's metadata types; refusing to load it", globals=[f"{module}.{name}"])
+
+
+def is_dcp_dir(path: str) -> bool:
+    """True for a directory holding ``.metadata`` and at least one ``*.distcp`` file."""
+    if not os.path.isfile(os.path.join(path, METADATA_FILE)):
+        return False
+    return any(n.endswith(SUFFIX) for n in os.listdir(path))
+
+
+def read_dcp_metadata(path: str) -> Any:
+    """The ``Metadata`` of a DCP directory, unpickled by :class:`RestrictedUnpickler`."""
+    meta_path = os.path.join(path, METADATA_FILE)
+    size = os.path.getsize(meta_path)
+    if size > MAX_METADATA:
+        raise CorruptSourceError(meta_path, f"{size} bytes of metadata, over the cap of {MAX_METADATA}")
+    import_torch()
+    with open(meta_path, "rb") as f:
+        try:
+            meta = RestrictedUnpickler(f, path=meta_path).load()
+        except UnsafePickleError:
+            raise
+        except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, TypeError, ValueError,
+                IndexError, KeyError) as e:
+            raise CorruptSourceError(meta_path, f"DCP metadata: cannot unpickle ({type(e).__name__}: {e})") from None
+    from torch.distributed.checkpoint.metadata import Metadata
+
+    if not isinstance(meta, Metadata):
+        raise CorruptSourceError(meta_path, f"DCP metadata: holds a {type(meta).__name__}, not a Metadata")
+    return meta
+
+
+class _FileRange(io.RawIOBase):
+    """A read-only, seekable window ``[offset, offset + length)`` of an open file."""
+
+    def __init__(self, f: Any, offset: int, length: int) -> None:
+        super().__init__()
+        self._f, self._start, self._len, self._pos = f, offset, length, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        base = {0: 0, 1: self._pos, 2: self._len}[whence]
+        self._pos = max(0, base + pos)
+        return self._pos
+
+    def readinto(self, b: Any) -> int:
+        n = max(0, min(len(b), self._len - self._pos))
+        if n == 0:
+            return 0
+        self._f.seek(self._start + self._pos)
+        got = self._f.readinto(memoryview(b)[:n])
+        self._pos += got
+        return got
+
+
+class _Item:
+    """Where one saved item (a value, or a tensor chunk) lies."""
+
+    def __init__(self, directory: str, info: Any, what: str) -> None:
+        rel = getattr(info, "relative_path", None)
+        offset, length = getattr(info, "offset", None), getattr(info, "length", None)
+        if not isinstance(rel, str) or type(offset) is not int or type(length) is not int or offset < 0 or length < 0:
+            raise CorruptSourceError(os.path.join(directory, METADATA_FILE), f"{what}: bad storage entry {info!r}")
+        if getattr(info, "transform_descriptors", None):
+            raise UnsupportedSourceError(directory, f"{what} is stored through DCP stream extensions "
+                                                    f"{list(info.transform_descriptors)}, which convert cannot read")
+        root = os.path.realpath(directory)
+        self.file = os.path.realpath(os.path.join(directory, rel))
+        if os.path.commonpath([root, self.file]) != root:
+            raise CorruptSourceError(directory, f"{what}: file {rel!r} lies outside the checkpoint")
+        self.offset, self.length, self.what = offset, length, what
+
+    def load(self, torch: Any, *, allow_pickle: bool) -> Any:
+        try:
+            f = open(self.file, "rb", buffering=0)  # noqa: SIM115 (closed below; the window reads through it)
+        except FileNotFoundError:
+            raise CorruptSourceError(self.file, f"{self.what}: the file is missing") from None
+        with f:
+            if f.seek(0, 2) < self.offset + self.length:
+                raise CorruptSourceError(self.file, f"{self.what}: bytes [{self.offset}, {self.offset + self.length})"
+                                                    " lie past the end of the file (truncated?)")
+            return torch_load_bytes(torch, _FileRange(f, self.offset, self.length), path=self.file, what=self.what,
+                                    allow_pickle=allow_pickle)
+
+
+class DcpTensor(LazyArray):
+    """A tensor of a DCP checkpoint, assembled from its chunks while it is written."""
+
+    def __init__(self, fqn: str, dtype: DType, torch_dtype: Any, shape: tuple[int, ...],
+                 chunks: list[tuple[tuple[int, ...], tuple[int, ...], _Item]], path: str) -> None:
+        self.fqn, self.dtype, self.torch_dtype, self.shape = fqn, dtype, torch_dtype, shape
+        self.parts = chunks
+        self.path = path
+        self._check()
+
+    def _check(self) -> None:
+        volume = 0
+        for off, size, _ in self.parts:
+            if len(off) != len(self.shape) or len(size) != len(self.shape) or any(
+                    o < 0 or s < 0 or o + s > n for o, s, n in zip(off, size, self.shape, strict=True)):
+                raise CorruptSourceError(self.path, f"tensor {self.fqn!r}: chunk at {list(off)} of size {list(size)} "
+                                                    f"does not fit its shape {list(self.shape)}")
+            volume += math.prod(size)
+        if volume != math.prod(self.shape):
+            raise CorruptSourceError(self.path, f"tensor {self.fqn!r}: its chunks hold {volume} elements, its shape "
+                                                f"{list(self.shape)} {math.prod(self.shape)}")
+
+    def _slabs(self) -> bool:
+        """True when the chunks are whole slabs along dim 0 (the usual Shard(0) layout)."""
+        if not self.shape:
+            return True
+        start = 0
+        for off, size, _ in sorted(self.parts, key=lambda p: p[0][0]):
+            if off[0] != start or any(off[1:]) or size[1:] != self.shape[1:]:
+                return False
+            start += size[0]
+        return start == self.shape[0]
+
+    def _load(self, part: tuple[tuple[int, ...], tuple[int, ...], _Item]) -> Any:
+        torch = import_torch()
+        _, size, item = part
+        t = item.load(torch, allow_pickle=False)
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != size or t.dtype != self.torch_dtype:
+            got = f"a {t.dtype} tensor of shape {list(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+            raise CorruptSourceError(item.file, f"{item.what}: expected a {self.torch_dtype} tensor of shape "
+                                                f"{list(size)}, found {got}")
+        return t
+
+    def chunks(self, limit: int) -> Iterator[np.ndarray]:
+        """Stream dim-0 slabs chunk by chunk; assemble other layouts first."""
+        from ckptfmt.backends.torch import BACKEND as TORCH
+
+        if math.prod(self.shape) == 0:
+            return
+        if self._slabs():
+            for part in sorted(self.parts, key=lambda p: p[0][:1]):
+                if math.prod(part[1]) == 0:
+                    continue
+                src = TORCH.host_view(self._load(part))[0]
+                yield from contiguous_chunks(src, limit)
+            return
+        torch = import_torch()
+        full = torch.empty(self.shape, dtype=self.torch_dtype)
+        for part in self.parts:
+            off, size, _ = part
+            if math.prod(size) == 0:
+                continue
+            full[tuple(slice(o, o + s) for o, s in zip(off, size, strict=True))] = self._load(part)
+        yield from contiguous_chunks(TORCH.host_view(full)[0], limit)
+
+
+def _set_path(root: dict[str, Any], path: tuple[Any, ...], value: Any, where: str) -> None:
+    """Put ``value`` at ``path`` (str keys make dicts, int keys lists), as DCP's own ``set_element`` does."""
+    if not path or not all(type(p) in (str, int) for p in path):
+        raise CorruptSourceError(where, f"DCP metadata: bad object path {path!r}")
+    cur: Any = root
+    for key, nxt in itertools.pairwise(path):
+        default: Any = {} if type(nxt) is str else []
+        if isinstance(cur, dict):
+            cur = cur.setdefault(key, default)
+        elif isinstance(cur, list) and type(key) is int:
+            cur.extend([None] * (key + 1 - len(cur)))
+            if cur[key] is None:
+                cur[key] = default
+            cur = cur[key]
+        else:
+            raise CorruptSourceError(where, f"DCP metadata: object path {path!r} crosses a non-container")
+    last = path[-1]
+    if isinstance(cur, list) and type(last) is int:
+        cur.extend([None] * (last + 1 - len(cur)))
+    elif not isinstance(cur, dict):
+        raise CorruptSourceError(where, f"DCP metadata: object path {path!r} crosses a non-container")
+    cur[last] = value
+
+
+def _dtype(torch: Any, torch_dtype: Any, fqn: str, path: str) -> DType:
+    from ckptfmt.backends.torch import TORCH_DTYPES
+
+    for name, t in TORCH_DTYPES.items():
+        if t == torch_dtype:
+            return DTYPES[name]
+    raise UnsupportedDTypeError(f"{path}: tensor {fqn!r} has dtype {torch_dtype}, which ckptfmt cannot store")
+
+
+def read_dcp(path: str, *, allow_pickle: bool) -> dict[str, Any]:
+    """The consolidated state of a DCP directory: whole (lazy) tensors and values, nested as saved."""
+    torch = import_torch()
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
+
+    meta = read_dcp_metadata(path)
+    meta_path = os.path.join(path, METADATA_FILE)
+    storage: dict[tuple[str, tuple[int, ...] | None], Any] = {}
+    for index, info in (meta.storage_data or {}).items():
+        fqn = getattr(index, "fqn", None)
+        if not isinstance(fqn, str):
+            raise CorruptSourceError(meta_path, f"DCP metadata: bad storage index {index!r}")
+        off = getattr(index, "offset", None)
+        storage[(fqn, None if off is None else tuple(int(o) for o in off))] = info
+    mapping = meta.planner_data if isinstance(meta.planner_data, dict) else {}
+    state: dict[str, Any] = {}
+    for fqn, md in meta.state_dict_metadata.items():
+        if isinstance(md, TensorStorageMetadata):
+            shape = tuple(int(n) for n in md.size)
+            tdtype = md.properties.dtype
+            parts: dict[tuple[int, ...], tuple[tuple[int, ...], tuple[int, ...], _Item]] = {}
+            for chunk in md.chunks:
+                off, size = tuple(int(o) for o in chunk.offsets), tuple(int(s) for s in chunk.sizes)
+                info = storage.get((fqn, off))
+                if info is None:
+                    raise CorruptSourceError(meta_path, f"tensor {fqn!r}: no storage entry for its chunk at "
+                                                        f"{list(off)}")
+                parts[off] = (off, size, _Item(path, info, f"tensor {fqn!r} chunk at {list(off)}"))
+            value: Any = DcpTensor(fqn, _dtype(torch, tdtype, fqn, path), tdtype, shape, list(parts.values()), path)
+        elif isinstance(md, BytesStorageMetadata):
+            info = storage.get((fqn, None))
+            if info is None:
+                raise CorruptSourceError(meta_path, f"value {fqn!r}: no storage entry")
+            value = _Item(path, info, f"value {fqn!r}").load(torch, allow_pickle=allow_pickle)
+        else:
+            raise CorruptSourceError(meta_path, f"{fqn!r}: unknown storage metadata {type(md).__name__}")
+        target = mapping.get(fqn)
+        if target is None:
+            state[fqn] = value
+        else:
+            _set_path(state, tuple(target), value, meta_path)
+    return state
