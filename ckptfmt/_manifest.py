@@ -592,22 +592,32 @@ def _column(table: dict[str, Any], name: str, dtype: np.dtype, count: int, path:
     return np.frombuffer(raw, dtype=dtype)
 
 
-def _parse_tensor_table(table: Any, *, path: str | None, minor: int, limits: Limits) -> TensorTable:
+def _typed_columns(table: Any, what: str, rows: str, *, path: str | None, minor: int, limits: Limits
+                   ) -> tuple[int, list[str], np.ndarray, np.ndarray, int]:
+    """The columns the tensor and view tables share: count, dtype names and codes, ndim (§4.3, §4.7).
+
+    Returns (count, dtype names, dtype codes, ndim, total number of dimensions).
+    """
     if not isinstance(table, dict):
-        raise InvalidMetadataError(path, "'tensors' is not a map")
+        raise InvalidMetadataError(path, f"'{rows}' is not a map")
     count = table.get("count")
     if type(count) is not int or count < 0:
-        raise InvalidMetadataError(path, "tensor table 'count' is not a non-negative int")
+        raise InvalidMetadataError(path, f"{what} 'count' is not a non-negative int")
     if count > limits.max_tensors:
-        raise MetadataLimitError(path, f"{count} tensors, over the cap of {limits.max_tensors}")
-    names = _dtype_names(table, "tensor table", path, minor)
+        raise MetadataLimitError(path, f"{count} {rows}, over the cap of {limits.max_tensors}")
+    names = _dtype_names(table, what, path, minor)
     code = _column(table, "dtype", _U8, count, path)
     ndim = _column(table, "ndim", _U8, count, path)
     if count and int(code.max()) >= len(names):
-        raise InvalidMetadataError(path, f"dtype code {int(code.max())} has no entry in 'dtypes'")
+        raise InvalidMetadataError(path, f"{what}: dtype code {int(code.max())} has no entry in 'dtypes'")
     if count and int(ndim.max()) > limits.max_ndim:
-        raise MetadataLimitError(path, f"a tensor has {int(ndim.max())} dimensions, over {limits.max_ndim}")
-    total_dims = int(ndim.sum(dtype=np.int64))
+        raise MetadataLimitError(path, f"{what}: a row has {int(ndim.max())} dimensions, over {limits.max_ndim}")
+    return count, names, code, ndim, int(ndim.sum(dtype=np.int64))
+
+
+def _parse_tensor_table(table: Any, *, path: str | None, minor: int, limits: Limits) -> TensorTable:
+    count, names, code, ndim, total_dims = _typed_columns(table, "tensor table", "tensors", path=path, minor=minor,
+                                                          limits=limits)
     shape_flat = _column(table, "shape", _U64, total_dims, path)
     offset = _column(table, "offset", _U64, count, path)
     nbytes = _column(table, "nbytes", _U64, count, path)
@@ -619,21 +629,8 @@ def _parse_tensor_table(table: Any, *, path: str | None, minor: int, limits: Lim
 
 def _parse_views(table: Any, tensors: TensorTable, *, path: str | None, minor: int, limits: Limits) -> ViewTable:
     """Decode and check the view table (§4.7)."""
-    if not isinstance(table, dict):
-        raise InvalidMetadataError(path, "'views' is not a map")
-    count = table.get("count")
-    if type(count) is not int or count < 0:
-        raise InvalidMetadataError(path, "view table 'count' is not a non-negative int")
-    if count > limits.max_tensors:
-        raise MetadataLimitError(path, f"{count} views, over the cap of {limits.max_tensors}")
-    names = _dtype_names(table, "view table", path, minor)
-    code = _column(table, "dtype", _U8, count, path)
-    ndim = _column(table, "ndim", _U8, count, path)
-    if count and int(code.max()) >= len(names):
-        raise InvalidMetadataError(path, f"view dtype code {int(code.max())} has no entry in 'dtypes'")
-    if count and int(ndim.max()) > limits.max_ndim:
-        raise MetadataLimitError(path, f"a view has {int(ndim.max())} dimensions, over {limits.max_ndim}")
-    total = int(ndim.sum(dtype=np.int64))
+    count, names, code, ndim, total = _typed_columns(table, "view table", "views", path=path, minor=minor,
+                                                     limits=limits)
     vt = ViewTable(names, code, ndim, _column(table, "shape", _U64, total, path),
                    _column(table, "strides", _I64, total, path), _column(table, "base", _U64, count, path),
                    _column(table, "offset", _U64, count, path))
