@@ -98,13 +98,19 @@ class TensorTable:
     nbytes: np.ndarray
     checksum: np.ndarray | None
     _shapes: list[tuple[int, ...]] | None = field(default=None, repr=False)
+    _ends: np.ndarray | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
         return len(self.offset)
 
     def shape(self, i: int) -> tuple[int, ...]:
-        """Shape of row ``i``."""
-        return self.shapes()[i]
+        """Shape of row ``i`` (without building every row's shape: a lazy get reads one row)."""
+        if self._shapes is not None:
+            return self._shapes[i]
+        if self._ends is None:
+            self._ends = np.cumsum(self.ndim, dtype=np.int64)
+        end = int(self._ends[i])
+        return tuple(self.shape_flat[end - int(self.ndim[i]) : end].tolist())
 
     def shapes(self) -> list[tuple[int, ...]]:
         """Every row's shape, computed once."""

@@ -341,7 +341,8 @@ class Checkpoint:
         sums = tt.checksum.tolist() if verify and tt.checksum is not None else None
         offsets, sizes, codes = tt.offset.tolist(), tt.nbytes.tolist(), tt.dtype_code.tolist()
         npd = [numpy_dtype(DTYPES[n]) if n in DTYPES else None for n in tt.dtype_names]
-        shapes = tt.shapes()
+        rows = list(rows)
+        shapes: Any = tt.shapes() if 8 * len(rows) >= len(tt) else {i: tt.shape(i) for i in rows}
         out: dict[int, np.ndarray] = {}
         mm = self._map() if mmap else None
         view = memoryview(mm) if mm is not None and sums is not None else None
