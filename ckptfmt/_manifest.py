@@ -171,14 +171,16 @@ class ViewTable:
     strides_flat: np.ndarray
     base: np.ndarray
     offset: np.ndarray
+    _ends: np.ndarray | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
         return len(self.base)
 
     def entry(self, i: int) -> ViewEntry:
         """Row ``i`` as a :class:`ViewEntry`."""
-        ends = np.cumsum(self.ndim, dtype=np.int64)
-        e, n = int(ends[i]), int(self.ndim[i])
+        if self._ends is None:
+            self._ends = np.cumsum(self.ndim, dtype=np.int64)
+        e, n = int(self._ends[i]), int(self.ndim[i])
         return ViewEntry(i, self.dtype_names[int(self.dtype_code[i])],
                          tuple(self.shape_flat[e - n : e].tolist()), tuple(self.strides_flat[e - n : e].tolist()),
                          int(self.base[i]), int(self.offset[i]))

@@ -93,6 +93,7 @@ def _backend(leaf: Leaf) -> ArrayBackend:
 def _shared_groups(leaves: list[Leaf]) -> list[list[int]]:
     """Indices of leaves that live in one allocation, for allocations holding two leaves or more."""
     by_key: dict[Any, list[int]] = {}
+    owners: list[int] = []
     for i, leaf in enumerate(leaves):
         src = leaf.source
         if leaf.scalar or src.nbytes == 0:
@@ -100,13 +101,17 @@ def _shared_groups(leaves: list[Leaf]) -> list[list[int]]:
         if isinstance(src, np.ndarray) and (src.dtype.byteorder == ">" or (src.dtype.byteorder == "=" and _BIG)):
             continue  # stored converted to little-endian: its bytes are not the allocation's
         if leaf.backend is None and leaf.obj.base is None:
-            key: Any = ("numpy", id(leaf.obj))  # owns its memory: shares only with views of it
-        else:
-            key = _backend(leaf).alias_key(leaf.obj)
-            if key is None:
-                continue
-        by_key.setdefault(key, []).append(i)
-    return [g for g in by_key.values() if len(g) > 1]
+            owners.append(i)  # owns its memory: can share only with a view of it, looked up below
+            continue
+        key = _backend(leaf).alias_key(leaf.obj)
+        if key is not None:
+            by_key.setdefault(key, []).append(i)
+    if by_key:
+        for i in owners:
+            group = by_key.get(("numpy", id(leaves[i].obj)))  # the numpy backend's alias_key of an owner
+            if group is not None:
+                group.append(i)
+    return [sorted(g) for g in by_key.values() if len(g) > 1]
 
 
 def _overlapping(leaves: list[Leaf], members: list[int]) -> list[list[int]]:
