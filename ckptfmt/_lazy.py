@@ -69,11 +69,11 @@ class LazyBackend:
 
     def alias_info(self, obj: Any) -> tuple[int, tuple[int, ...]]:
         """Never called: :meth:`alias_key` is None."""
-        raise NotImplementedError("lazy arrays do not alias")
+        raise TypeError("lazy arrays do not alias (alias_key is None)")
 
     def storage_bytes(self, obj: Any, address: int, nbytes: int) -> Any:
         """Never called: :meth:`alias_key` is None."""
-        raise NotImplementedError("lazy arrays do not alias")
+        raise TypeError("lazy arrays do not alias (alias_key is None)")
 
     def from_host(self, array: np.ndarray, dtype: DType, *, scalar: bool, device: str | None) -> Any:
         """Loading is the numpy backend's job; lazy arrays exist only on the way in."""

@@ -9,6 +9,7 @@ is asked for, wraps each so that the bytes the writer consumes are reported.
 
 from __future__ import annotations
 
+import abc
 import math
 import os
 from collections.abc import Callable, Hashable, Iterator
@@ -25,7 +26,7 @@ from ._errors import CorruptSourceError
 __all__ = ["RAW", "FileArray", "LazyArray", "Progress", "RawArray", "prepare"]
 
 
-class LazyArray:
+class LazyArray(abc.ABC):
     """An array whose bytes are produced only while it is written.
 
     Subclasses set ``dtype`` (canonical) and ``shape`` and implement :meth:`chunks`: the elements in
@@ -50,9 +51,9 @@ class LazyArray:
         """Bytes of the whole array."""
         return math.prod(self.shape) * self.dtype.itemsize
 
+    @abc.abstractmethod
     def chunks(self, limit: int) -> Iterator[np.ndarray]:
         """The bytes, a bounded piece at a time."""
-        raise NotImplementedError
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.dtype.name}{list(self.shape)}>"
@@ -302,11 +303,11 @@ class ConvertBackend:
 
     def from_host(self, array: np.ndarray, dtype: DType, *, scalar: bool, device: str | None) -> Any:
         """Not a loading backend."""
-        raise NotImplementedError("the convert-lazy backend only writes; load with backend='numpy' or 'torch'")
+        raise TypeError("the convert-lazy backend only writes; load with backend='numpy' or 'torch'")
 
     def view(self, base: Any, dtype: DType, shape: tuple[int, ...], strides: tuple[int, ...], offset: int) -> Any:
         """Not a loading backend."""
-        raise NotImplementedError("the convert-lazy backend only writes; load with backend='numpy' or 'torch'")
+        raise TypeError("the convert-lazy backend only writes; load with backend='numpy' or 'torch'")
 
 
 BACKEND = ConvertBackend()
