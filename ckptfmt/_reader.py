@@ -406,8 +406,7 @@ class Checkpoint:
             job(work[0])
             return
         with ThreadPoolExecutor(workers, thread_name_prefix="ckptfmt-read") as pool:
-            for _ in pool.map(job, work):
-                pass
+            list(pool.map(job, work))  # draining the results re-raises the first worker's error
 
     def get(self, key: str, *, verify: bool = True, mmap: bool = True, backend: str | ArrayBackend = "numpy",
             device: str | None = None) -> Any:

@@ -64,6 +64,14 @@ class InvalidOptimizerStateError(CheckpointError, ValueError):
     """A state given to :meth:`MasterWeightOptimizer.load_state_dict` does not fit the optimizer or is malformed."""
 
 
+def _check_fields(cls: Any, data: Mapping[str, Any], what: str) -> None:
+    """:class:`ValueError` unless ``data`` has exactly the fields of dataclass ``cls``."""
+    fields = {f.name for f in dataclasses.fields(cls)}
+    missing, unknown = sorted(fields - set(data)), sorted(set(data) - fields)
+    if missing or unknown:
+        raise ValueError(f"{what}: missing {missing}, unknown {unknown}")
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -120,10 +128,7 @@ class AmpOptions:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> AmpOptions:
         """Options from :meth:`to_dict`'s output; :class:`ValueError` on missing, unknown or bad fields."""
-        fields = {f.name for f in dataclasses.fields(cls)}
-        missing, unknown = sorted(fields - set(data)), sorted(set(data) - fields)
-        if missing or unknown:
-            raise ValueError(f"options: missing {missing}, unknown {unknown}")
+        _check_fields(cls, data, "options")
         return cls(**data)
 
 
@@ -143,14 +148,11 @@ class LossScalerState:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> LossScalerState:
         """State from :meth:`to_dict`'s output; :class:`ValueError` on missing, unknown or bad fields."""
-        fields = {f.name for f in dataclasses.fields(cls)}
-        missing, unknown = sorted(fields - set(data)), sorted(set(data) - fields)
-        if missing or unknown:
-            raise ValueError(f"scaler: missing {missing}, unknown {unknown}")
+        _check_fields(cls, data, "scaler")
         scale = data["scale"]
         if not _is_number(scale) or not math.isfinite(scale) or scale <= 0:
             raise ValueError(f"scaler: scale must be a finite number > 0, got {scale!r}")
-        counts = {k: data[k] for k in fields - {"scale"}}
+        counts = {f.name: data[f.name] for f in dataclasses.fields(cls) if f.name != "scale"}
         bad = sorted(k for k, v in counts.items() if not _is_int(v) or v < 0)
         if bad:
             raise ValueError(f"scaler: {', '.join(f'{k}={counts[k]!r}' for k in bad)}: must be ints >= 0")

@@ -9,6 +9,7 @@ moment leaves the latest good checkpoint listed.
 from __future__ import annotations
 
 import builtins
+import contextlib
 import json
 import math
 import os
@@ -86,10 +87,8 @@ class CheckpointManager:
             return
         self._write_index([e for e in entries if e["step"] in keep])  # unlist first, then delete
         for e in doomed:
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 os.unlink(os.path.join(self.directory, e["file"]))
-            except FileNotFoundError:
-                pass
         fsync_directory(self.directory)
 
     # -- load
