@@ -14,10 +14,11 @@ from ._backend import ArrayBackend, DeviceSource, get_backend, register_backend
 from ._dtypes import DTYPES, DType
 from ._lazy import LazyArray
 from ._manifest import Limits, TensorEntry
-from ._reader import Checkpoint, TensorInfo, VerifyReport
+from ._reader import Checkpoint, TensorInfo, TensorSlice, VerifyReport
 from ._versions import FORMAT_MAJOR, FORMAT_MINOR
 from .errors import (
     BadMagicError,
+    CheckpointClosedError,
     CheckpointError,
     CheckpointKeyError,
     CheckpointNotFoundError,
@@ -51,6 +52,7 @@ __all__ = [
     "ArrayBackend",
     "BadMagicError",
     "Checkpoint",
+    "CheckpointClosedError",
     "CheckpointError",
     "CheckpointKeyError",
     "CheckpointNotFoundError",
@@ -67,6 +69,7 @@ __all__ = [
     "NotACheckpointFileError",
     "TensorEntry",
     "TensorInfo",
+    "TensorSlice",
     "TruncatedCheckpointError",
     "UnsupportedDTypeError",
     "UnsupportedObjectError",

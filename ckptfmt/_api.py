@@ -17,7 +17,8 @@ from ._header import DEFAULT_ALIGNMENT, check_alignment
 from ._keypath import join
 from ._manifest import Limits, ViewRef, check_plain, tensor_ref
 from ._plan import plan
-from ._reader import Checkpoint, VerifyReport, plain, walk_leaves
+from ._reader import Checkpoint, VerifyReport
+from ._tree import plain, walk_leaves, walk_nodes
 from ._writer import Writer
 from .errors import (
     CheckpointNotFoundError,
@@ -169,16 +170,7 @@ _CONTAINER_TYPES = (dict, list, tuple)
 
 def _nodes(tree: Any) -> dict[str, Any]:
     """Every node of a decoded tree, containers included, by key path."""
-    out: dict[str, Any] = {}
-    stack: list[tuple[Any, tuple[str | int, ...]]] = [(tree, ())]
-    while stack:
-        node, p = stack.pop()
-        out[join(p)] = node
-        if type(node) is dict:
-            stack.extend((v, (*p, k)) for k, v in node.items())
-        elif type(node) in (list, tuple):
-            stack.extend((v, (*p, i)) for i, v in enumerate(node))
-    return dict(reversed(out.items()))
+    return {join(p): node for p, node in walk_nodes(tree)}
 
 
 def _listed(node: Any) -> bool:

@@ -17,6 +17,7 @@ user would catch for the same situation::
     ├── UnsupportedObjectError (TypeError)
     ├── InvalidKeyError (ValueError)
     ├── CheckpointKeyError (KeyError)
+    ├── CheckpointClosedError (ValueError)
     └── MissingDependencyError (ImportError)
 """
 
@@ -26,6 +27,7 @@ import os
 
 __all__ = [
     "BadMagicError",
+    "CheckpointClosedError",
     "CheckpointError",
     "CheckpointKeyError",
     "CheckpointNotFoundError",
@@ -125,6 +127,10 @@ class CheckpointKeyError(CheckpointError, KeyError):
 
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else ""
+
+
+class CheckpointClosedError(CheckpointError, ValueError):
+    """A read was asked of a :class:`~ckptfmt.Checkpoint` after ``close`` (as a closed file raises ValueError)."""
 
 
 class MissingDependencyError(CheckpointError, ImportError):

@@ -20,6 +20,7 @@ EXPORTS = [
     "ChecksumMismatchError", "CorruptCheckpointError", "FORMAT_MAJOR", "FORMAT_MINOR", "InvalidKeyError",
     "InvalidMetadataError", "LazyArray", "Limits", "MetadataLimitError", "MissingDependencyError",
     "NotACheckpointFileError", "TensorEntry", "TensorInfo",
+    "CheckpointClosedError", "TensorSlice",
     "TruncatedCheckpointError", "UnsupportedDTypeError", "UnsupportedObjectError", "UnsupportedVersionError",
     "VerifyReport", "__version__", "convert", "diff", "get_backend", "inspect", "load", "open", "register_backend",
     "save",

@@ -272,6 +272,7 @@ HIERARCHY = {
     "UnsupportedObjectError": (errors.CheckpointError, TypeError),
     "InvalidKeyError": (errors.CheckpointError, ValueError),
     "CheckpointKeyError": (errors.CheckpointError, KeyError),
+    "CheckpointClosedError": (errors.CheckpointError, ValueError),
     "MissingDependencyError": (errors.CheckpointError, ImportError),
 }
 

@@ -22,7 +22,8 @@ from .._backend import get_backend
 from .._dtypes import DTYPES, numpy_dtype
 from .._keypath import join
 from .._manifest import ViewRef, tensor_ref
-from .._reader import Checkpoint, map_tree
+from .._reader import Checkpoint
+from .._tree import map_tree, walk
 from .._writer import contiguous_chunks
 from ..errors import MissingDependencyError, UnsupportedObjectError
 from ._errors import ConversionError
@@ -84,15 +85,7 @@ def export(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, to: str,
 
 def _leaves(node: Any, path: tuple[str | int, ...] = ()) -> Iterator[tuple[tuple[str | int, ...], Any]]:
     """(path, leaf) of every leaf in tree order; an empty container is a leaf of its own."""
-    stack: list[tuple[Any, tuple[str | int, ...]]] = [(node, path)]
-    while stack:
-        n, p = stack.pop()
-        t = type(n)
-        if (t is dict or t is list or t is tuple) and len(n):
-            items = n.items() if t is dict else enumerate(n)
-            stack.extend(reversed([(v, (*p, k)) for k, v in items]))
-        else:
-            yield p, n
+    return walk(node, path, empty_leaves=True)
 
 
 def _listing(keys: list[str]) -> str:
