@@ -10,20 +10,18 @@ kvikio importable, blobs go from the file to the device through cuFile (GPUDirec
 system supports it) and the host buffers are not used at all.
 
 Only the framework-specific steps differ between torch and cupy; they live in the two ``_Ops``
-classes. Nothing here runs without a GPU; it is imported lazily by the torch and cupy adapters.
+classes. Nothing here runs without a GPU; it is imported lazily by the torch and cupy adapters,
+and imports neither of them (each adapter views the raw device bytes as its own arrays).
 """
 
 from __future__ import annotations
 
-import os
+import itertools
 import threading
 from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
-
-from ckptfmt._checksum import hasher
-from ckptfmt.errors import ChecksumMismatchError, TruncatedCheckpointError
 
 #: Bytes per pinned staging buffer (two are used, so copies overlap with hashing and I/O).
 CHUNK = 16 << 20
@@ -194,89 +192,46 @@ def _kvikio() -> Any | None:
 
 
 def read_rows(kind: str, ckpt: Any, rows: list[int], device: Any, *, verify: bool) -> dict[int, Any]:
-    """Each row's blob in a fresh device uint8 array of its size, checksums verified on host chunks."""
+    """Each row's blob in a fresh device uint8 array of its size, checksums verified on host chunks.
+
+    The bytes come through the checkpoint's public block I/O (``Checkpoint.iter_chunks`` into the two
+    pinned buffers, which verifies the checksum before it hands over a blob's last chunk); the adapter
+    views each array as its dtype and shape.
+    """
     ops = _ops(kind)
-    tt = ckpt.manifest.tensors
-    sums = tt.checksum.tolist() if verify and tt.checksum is not None else None
-    offsets, sizes = tt.offset.tolist(), tt.nbytes.tolist()
+    entries = {row: ckpt.entry(row) for row in rows}
     out: dict[int, Any] = {}
-    kvikio = _kvikio() if sums is None else None
+    checksummed = any(e.checksum is not None for e in entries.values())
+    kvikio = _kvikio() if not (verify and checksummed) else None
     if kvikio is not None:
         with kvikio.CuFile(ckpt.path, "r") as f:
             futures = []
-            for row in rows:
-                out[row] = dst = ops.empty(sizes[row], device)
-                if sizes[row]:
-                    futures.append(f.pread(dst, sizes[row], offsets[row]))
+            for row, e in entries.items():
+                out[row] = dst = ops.empty(e.nbytes, device)
+                if e.nbytes:
+                    futures.append(f.pread(dst, e.nbytes, e.offset))
             for fut in futures:
                 fut.get()
         return out
     bufs = ops.pinned(CHUNK)
+    hosts = [ops.host(b, CHUNK) for b in bufs]
     stream = ops.stream(device)
     events: list[Any] = [None, None]
-    k = 0
-    for row in rows:
-        nb, off = sizes[row], offsets[row]
-        out[row] = dst = ops.empty(nb, device)
-        h = hasher()
-        for a in range(0, nb, CHUNK):
-            n = min(CHUNK, nb - a)
-            slot = k % 2
-            if events[slot] is not None:
-                events[slot].synchronize()  # the copy that last used this buffer is done
-            host = ops.host(bufs[slot], n)
-            got = 0
-            while got < n:
-                more = os.preadv(ckpt._fd, [host.data[got:]], off + a + got)
-                if more <= 0:
-                    ops.finish(stream)  # no copy may still read a buffer or write a freed allocation
-                    raise TruncatedCheckpointError(ckpt.path,
-                                                   f"tensor row {row}: the file ends at byte {off + a + got}")
-                got += more
-            if sums is not None:
-                h.update(host.data)
-            events[slot] = ops.h2d(dst[a : a + n], bufs[slot][:n], stream)
-            k += 1
-        if sums is not None and h.intdigest() != sums[row]:
-            ops.finish(stream)
-            key = ckpt._key_of(row)
-            raise ChecksumMismatchError(ckpt.path, f"tensor {key!r}: checksum mismatch (its bytes are corrupted)",
-                                        region="blob", key=key)
-    ops.finish(stream)
-    return out
-
-
-def read_rows_torch(ckpt: Any, rows: list[int], device: str, *, verify: bool) -> dict[int, Any]:
-    """``read_rows`` for torch, each row viewed as its dtype and shape."""
-    import torch
-
-    from .torch import TORCH_DTYPES
-
-    dev = torch.device(device)
-    raw = read_rows("torch", ckpt, rows, dev, verify=verify)
-    tt = ckpt.manifest.tensors
-    out = {}
-    for row, flat in raw.items():
-        dt = ckpt._dtype(row)
-        shape = tt.shape(row)
-        out[row] = torch.empty(shape, dtype=TORCH_DTYPES[dt.name], device=dev) if flat.numel() == 0 \
-            else flat.view(TORCH_DTYPES[dt.name]).reshape(shape)
-    return out
-
-
-def read_rows_cupy(ckpt: Any, rows: list[int], device: str, *, verify: bool) -> dict[int, Any]:
-    """``read_rows`` for cupy, each row viewed as its dtype and shape."""
-    import cupy
-
-    from .cupy import _device_index, cupy_dtype
-
-    index = _device_index(device)
-    with cupy.cuda.Device(index if index is not None else cupy.cuda.Device().id):
-        raw = read_rows("cupy", ckpt, rows, index, verify=verify)
-        tt = ckpt.manifest.tensors
-        out = {}
-        for row, flat in raw.items():
-            dt = cupy_dtype(ckpt._dtype(row))
-            shape = tt.shape(row)
-            out[row] = cupy.empty(shape, dtype=dt) if flat.size == 0 else flat.view(dt).reshape(shape)
+    try:
+        for row, e in entries.items():
+            out[row] = dst = ops.empty(e.nbytes, device)
+            chunks = ckpt.iter_chunks(row, CHUNK, verify=verify, buffers=hosts)
+            a = 0
+            for k in itertools.count():
+                slot = k % 2
+                if events[slot] is not None:
+                    events[slot].synchronize()  # the copy that last used this buffer is done
+                chunk = next(chunks, None)  # reads (and, for the last chunk, verifies) into bufs[slot]
+                if chunk is None:
+                    break
+                n = len(chunk)
+                events[slot] = ops.h2d(dst[a : a + n], bufs[slot][:n], stream)
+                a += n
+    finally:
+        ops.finish(stream)  # no copy may still read a buffer or write a freed allocation
     return out

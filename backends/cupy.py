@@ -78,7 +78,14 @@ class CupyBackend:
 
     def read_to_device(self, ckpt: Any, rows: list[int], device: str, *, verify: bool) -> dict[int, Any]:
         """Blobs straight into device arrays through pinned buffers (or cuFile); see ``_cuda.read_rows``."""
-        return _cuda.read_rows_cupy(ckpt, rows, device, verify=verify)
+        index = _device_index(device)
+        with cupy.cuda.Device(index if index is not None else cupy.cuda.Device().id):
+            out = {}
+            for row, flat in _cuda.read_rows("cupy", ckpt, rows, index, verify=verify).items():
+                dt = cupy_dtype(ckpt.row_dtype(row))
+                shape = ckpt.entry(row).shape
+                out[row] = cupy.empty(shape, dtype=dt) if flat.size == 0 else flat.view(dt).reshape(shape)
+        return out
 
 
 BACKEND = CupyBackend()

@@ -6,6 +6,7 @@ ckptfmt never imports torch.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Hashable
 from typing import Any
 
@@ -29,6 +30,19 @@ TORCH_DTYPES: dict[str, torch.dtype] = {
 _CANONICAL: dict[torch.dtype, DType] = {t: DTYPES[name] for name, t in TORCH_DTYPES.items()}
 #: torch dtypes numpy lacks, exposed to numpy as same-width integers holding the same bits
 _RAW = {torch.bfloat16: torch.int16, torch.float8_e4m3fn: torch.uint8, torch.float8_e5m2: torch.uint8}
+
+
+def native_bytes(array: np.ndarray, dtype: DType, byteorder: str = sys.byteorder) -> np.ndarray:
+    """``array``'s elements as flat uint8 bytes in the host's byte order, which torch reads them in.
+
+    Files are little-endian; on a big-endian host each element (each half of a complex) is
+    byte-swapped into a copy. On little-endian hosts: the array's own bytes, no copy.
+    """
+    raw = array.reshape(-1).view(np.uint8)
+    unit = dtype.itemsize // 2 if dtype.name.startswith("complex") else dtype.itemsize
+    if byteorder == "little" or unit == 1:
+        return raw
+    return np.ascontiguousarray(raw.reshape(-1, unit)[:, ::-1]).reshape(-1)
 
 
 def _plain_tensor(obj: Any) -> torch.Tensor:
@@ -104,7 +118,7 @@ class TorchBackend:
         if array.size == 0:
             t = torch.empty(array.shape, dtype=tdt)
         else:
-            t = torch.from_numpy(array.reshape(-1).view(np.uint8)).view(tdt).reshape(array.shape)
+            t = torch.from_numpy(native_bytes(array, dtype)).view(tdt).reshape(array.shape)
         if not is_host(device):
             t = t.to(device)
         return t
@@ -123,7 +137,20 @@ class TorchBackend:
 
     def read_to_device(self, ckpt: Any, rows: list[int], device: str, *, verify: bool) -> dict[int, Any]:
         """Blobs straight into CUDA tensors through pinned buffers (or cuFile); see ``_cuda.read_rows``."""
-        return _cuda.read_rows_torch(ckpt, rows, device, verify=verify)
+        dev = torch.device(device)
+        out = {}
+        for row, flat in _cuda.read_rows("torch", ckpt, rows, dev, verify=verify).items():
+            tdt = TORCH_DTYPES[ckpt.row_dtype(row).name]
+            shape = ckpt.entry(row).shape
+            out[row] = torch.empty(shape, dtype=tdt, device=dev) if flat.numel() == 0 \
+                else flat.view(tdt).reshape(shape)
+        return out
+
+    def pinned_empty(self, nbytes: int, device: str | None) -> np.ndarray | None:
+        """A host buffer to stage ``nbytes`` for ``device``: page-locked for CUDA (fast copies), else None."""
+        if is_host(device) or torch.device(device).type != "cuda":
+            return None
+        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True).numpy()
 
 
 BACKEND = TorchBackend()

@@ -63,9 +63,13 @@ def save(path: str | os.PathLike[str], obj: Any, *, metadata: dict[str, Any] | N
         writer.finish(what.tree, producer=PRODUCER, created=created, user=user, views=what.views)
 
 
-def open(path: str | os.PathLike[str], *, limits: Limits | None = None) -> Checkpoint:  # noqa: A001
-    """Open a checkpoint lazily: validates the structure and metadata, reads no tensor data."""
-    return Checkpoint(path, limits=limits)
+def open(path: str | os.PathLike[str], *, limits: Limits | None = None,  # noqa: A001
+         backend: str | ArrayBackend = "numpy", device: str | None = None) -> Checkpoint:
+    """Open a checkpoint lazily: validates the structure and metadata, reads no tensor data.
+
+    ``backend``/``device`` choose what ``get``, ``load`` and ``get_slice`` return (e.g. torch tensors).
+    """
+    return Checkpoint(path, limits=limits, backend=backend, device=device)
 
 
 def load(path: str | os.PathLike[str], *, keys: Iterable[str] | str | None = None, verify: bool = True,

@@ -250,7 +250,7 @@ def _cmd_ls(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from ._demo import run
 
-    return run(args.dir)
+    return run(args.dir, cli=main)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

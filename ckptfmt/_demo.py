@@ -13,12 +13,12 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
 from . import _api
-from ._cli import main as cli
 
 
 def default_state(seed: int = 0) -> dict[str, object]:
@@ -53,8 +53,11 @@ def _same(a: object, b: object) -> bool:
     return type(a) is type(b) and a == b
 
 
-def run(directory: str | None = None) -> int:
-    """Run the tour; return 0 when every step behaved as it should."""
+def run(directory: str | None = None, *, cli: Callable[[list[str]], int]) -> int:
+    """Run the tour; return 0 when every step behaved as it should.
+
+    ``cli`` is the command-line entry point the tour drives (passed in: the CLI imports this module).
+    """
     workdir = directory or tempfile.mkdtemp(prefix="ckptfmt-demo-")
     path = os.path.join(workdir, "step100.ckpt")
     state = default_state()
@@ -101,7 +104,7 @@ def run(directory: str | None = None) -> int:
         _api.save(os.path.join(workdir, "step101.ckpt"), later)
         cli(["diff", path, os.path.join(workdir, "step101.ckpt")])
         if importlib.util.find_spec("torch") is not None:
-            ok &= _training_demo(os.path.join(workdir, "training"))
+            ok &= _training_demo(os.path.join(workdir, "training"), cli)
         else:
             print("== training resume demo skipped: torch is not installed (pip install 'ckptfmt[torch]')")
     finally:
@@ -121,7 +124,7 @@ def _train(args: list[str]) -> tuple[int, dict[str, Any]]:
     return done.returncode, json.loads(lines[-1]) if lines else {}
 
 
-def _training_demo(workdir: str, steps: int = 24, stop_at: int = 10) -> bool:
+def _training_demo(workdir: str, cli: Callable[[list[str]], int], steps: int = 24, stop_at: int = 10) -> bool:
     """Train a tiny transformer straight through, and again killed at ``stop_at`` and resumed: same losses?"""
     straight, broken = os.path.join(workdir, "straight"), os.path.join(workdir, "resumed")
     print(f"== training: a tiny transformer LM (bf16 autocast, AdamW, warm-up, dropout, shuffled data), {steps} steps")

@@ -8,6 +8,7 @@ needs. Whole-blob reads are verified against the blob's xxh3 checksum; partial r
 
 from __future__ import annotations
 
+import math
 import mmap as _mmap
 import os
 import stat
@@ -321,8 +322,13 @@ class Checkpoint:
         return map_tree(self.manifest.tree, info, ())
 
     # -- block I/O
-    def _row(self, key: str) -> int:
-        """The tensor-table row stored at ``key``; views and plain values are refused."""
+    def _row(self, key: str | int) -> int:
+        """The tensor-table row stored at ``key`` (or ``key`` itself, a row number); views and values refused."""
+        if isinstance(key, int) and not isinstance(key, bool):
+            if not 0 <= key < len(self.manifest.tensors):
+                raise CheckpointKeyError(f"{self.path}: no tensor row {key} (the table has "
+                                         f"{len(self.manifest.tensors)})")
+            return key
         node = self._resolve(key)
         ref = tensor_ref(node)
         if ref is None:
@@ -336,8 +342,10 @@ class Checkpoint:
         tt = self.manifest.tensors
         return int(tt.offset[row]), int(tt.nbytes[row]), None if tt.checksum is None else int(tt.checksum[row])
 
-    def read_into(self, key: str, out: Any, *, verify: bool = True) -> int:
+    def read_into(self, key: str | int, out: Any, *, verify: bool = True) -> int:
         """Read the bytes of the tensor at ``key`` into ``out``, a writable buffer its size; returns the size.
+
+        ``key`` is a key path, or a tensor-table row number (as :meth:`read_rows` and :meth:`entry` take).
 
         ``out`` is any C-contiguous writable buffer of exactly ``info(key).nbytes`` bytes: a numpy
         array, a CPU (or pinned) torch tensor, a ``bytearray``, a ``memoryview``. The bytes are the
@@ -362,12 +370,12 @@ class Checkpoint:
             else:
                 got = file.readinto_held(fd, dest, off)
         if got != nb:
-            raise TruncatedCheckpointError(self.path, f"tensor {key!r}: read {got} of {nb} bytes")
+            raise TruncatedCheckpointError(self.path, f"tensor {self._key_of(row)!r}: read {got} of {nb} bytes")
         if verify and want is not None and checksum(dest) != want:
             raise self._mismatch(row)
         return nb
 
-    def iter_chunks(self, key: str, size: int, *, verify: bool = True,
+    def iter_chunks(self, key: str | int, size: int, *, verify: bool = True,
                     buffers: list[Any] | None = None) -> Iterator[memoryview]:
         """The bytes of the tensor at ``key`` in order, as ``memoryview`` chunks of at most ``size`` bytes.
 
@@ -388,7 +396,7 @@ class Checkpoint:
             raise ValueError(f"every buffer must hold a chunk of {min(size, nb)} bytes")
         return self._chunks(key, row, off, nb, want if verify else None, size, slots)
 
-    def _chunks(self, key: str, row: int, off: int, nb: int, want: int | None, size: int,
+    def _chunks(self, key: str | int, row: int, off: int, nb: int, want: int | None, size: int,
                 slots: list[memoryview] | None) -> Iterator[memoryview]:
         file = self._check_open()
         h = hasher() if want is not None else None
@@ -397,7 +405,8 @@ class Checkpoint:
             dest = slots[k % len(slots)][:n] if slots is not None else memoryview(bytearray(n))
             got = file.readinto(dest, off + a)
             if got != n:
-                raise TruncatedCheckpointError(self.path, f"tensor {key!r}: the file ends at byte {off + a + got}")
+                raise TruncatedCheckpointError(self.path, f"tensor {self._key_of(row)!r}: the file ends at byte "
+                                                          f"{off + a + got}")
             if h is not None:
                 h.update(dest)
                 if a + n == nb and h.intdigest() != want:
@@ -422,13 +431,15 @@ class Checkpoint:
         dt = self._dtype(sl.row)
         plan = plan_slice(sl.shape, dt.itemsize, index)
         npd = numpy_dtype(dt)
+        # where the result lands: page-locked memory when the backend copies it on to a GPU
+        nbytes = dt.itemsize * math.prod(plan.shape)
+        stage = getattr(sl.backend, "pinned_empty", None)
+        host = stage(nbytes, sl.device) if stage is not None and nbytes else None
+        arr = np.empty(plan.shape, dtype=npd) if host is None else host.view(npd).reshape(plan.shape)
         if plan.whole:
-            arr = np.empty(sl.shape, dtype=npd)
             if arr.nbytes:
-                self.read_into(sl.key, arr, verify=True)
-        elif not plan.starts:
-            arr = np.empty(plan.shape, dtype=npd)
-        else:
+                self.read_into(sl.row, arr, verify=True)
+        elif plan.starts:
             off, _, _ = self._blob(sl.row)
             box = np.empty(plan.box_shape, dtype=npd)
             raw = memoryview(box.reshape(-1).view(np.uint8))
@@ -438,7 +449,7 @@ class Checkpoint:
                     dest = raw[at : at + plan.run_bytes]
                     if file.readinto_held(fd, dest, off + start) != plan.run_bytes:
                         raise TruncatedCheckpointError(self.path, f"tensor {sl.key!r}: the file ends inside it")
-            arr = np.ascontiguousarray(box[plan.post])
+            arr[...] = box[plan.post]
         return self._converter({sl.row: arr}, sl.backend, sl.device)(sl.row, False)
 
     def _backend_for(self, backend: str | ArrayBackend | None, device: str | None

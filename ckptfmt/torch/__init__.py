@@ -18,6 +18,8 @@ from collections.abc import Iterable
 from typing import Any
 
 from .. import _api
+from .._manifest import Limits
+from .._reader import Checkpoint
 from ._training import (
     StateDictMismatchError,
     TrainingCheckpoint,
@@ -38,6 +40,7 @@ __all__ = [
     "capture_rng_state",
     "load",
     "load_checkpoint",
+    "open",
     "restore_checkpoint",
     "restore_rng_state",
     "save",
@@ -58,3 +61,12 @@ def load(path: str | os.PathLike[str], *, device: str = "cpu", keys: Iterable[st
     ``mmap=False`` reads into fresh memory instead of mapping the file (better on network filesystems).
     """
     return _api.load(path, keys=keys, verify=verify, mmap=mmap, backend="torch", device=device)
+
+
+def open(path: str | os.PathLike[str], *, device: str = "cpu", limits: Limits | None = None  # noqa: A001
+         ) -> Checkpoint:
+    """Open lazily; ``get``, ``load`` and ``get_slice`` return torch tensors on ``device``.
+
+    CUDA devices are filled through pinned host buffers (see ``ckptfmt.torch.load``).
+    """
+    return _api.open(path, limits=limits, backend="torch", device=device)

@@ -70,8 +70,7 @@ from typing import Any, Literal
 import torch
 
 from .._api import open as _ckpt_open
-from .._checksum import hasher
-from ..errors import CheckpointError, ChecksumMismatchError, TruncatedCheckpointError
+from ..errors import CheckpointError
 from . import save as _ckpt_save
 
 __all__ = [
@@ -84,7 +83,6 @@ __all__ = [
 ]
 
 Location = Literal["device", "host", "disk"]
-_READ_CHUNK = 8 << 20
 
 # ---------------------------------------------------------------- errors
 
@@ -735,27 +733,8 @@ def _read_spill_file(path: str, *, pin: bool) -> torch.Tensor:
     collector runs, which would keep every restored activation alive through backward.
     """
     with _ckpt_open(path) as ckpt:
-        info = ckpt.info("t")
-    out = torch.empty(info.nbytes, dtype=torch.uint8, pin_memory=pin)
-    if not info.nbytes:
-        return out
-    dest = memoryview(out.numpy().data)
-    digest = hasher()
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
-    try:
-        done = 0
-        while done < info.nbytes:
-            chunk = dest[done : done + _READ_CHUNK]
-            n = os.preadv(fd, [chunk], info.offset + done)
-            if n <= 0:
-                raise TruncatedCheckpointError(path, f"tensor 't': read {done} of {info.nbytes} bytes")
-            digest.update(chunk[:n])
-            done += n
-    finally:
-        os.close(fd)
-    if info.checksum is not None and digest.intdigest() != info.checksum:
-        raise ChecksumMismatchError(path, "tensor 't': checksum mismatch (its bytes are corrupted)", region="blob",
-                                    key="t")
+        out = torch.empty(ckpt.info("t").nbytes, dtype=torch.uint8, pin_memory=pin)
+        ckpt.read_into("t", out)  # verified against the blob's checksum
     return out
 
 
