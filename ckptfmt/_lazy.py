@@ -2,11 +2,14 @@
 
 A :class:`LazyArray` is saved like any array: the writer asks it for its bytes chunk by chunk
 (the ``DeviceSource`` protocol), so sources such as HDF5 datasets, zip members or distributed-
-checkpoint shards stream into a checkpoint with bounded memory.
+checkpoint shards stream into a checkpoint with bounded memory. It is the one lazy array class:
+the converters subclass it, and the one backend registered here saves every subclass.
 """
 
 from __future__ import annotations
 
+import abc
+import math
 from collections.abc import Callable, Hashable, Iterator
 from typing import Any
 
@@ -18,36 +21,68 @@ from ._dtypes import DType
 __all__ = ["LazyArray"]
 
 
-class LazyArray:
-    """A tensor of ``shape`` and canonical ``dtype`` whose C-order bytes ``read(offset, nbytes)`` returns.
+class LazyArray(abc.ABC):
+    """An array whose bytes are produced only while it is written (a ``DeviceSource`` with a dtype).
 
-    ``read`` is called with consecutive ranges of at most the writer's chunk size and returns a
-    bytes-like object of exactly ``nbytes`` bytes (e.g. a slice of a memory map or a read from a file).
+    Subclasses set ``dtype`` (canonical) and ``shape`` and implement :meth:`chunks`; the converters'
+    sources (files, zip members, HDF5 datasets, DCP shards) are subclasses. For a plain callback,
+    :meth:`from_read` makes one.
     """
+
+    dtype: DType
+    shape: tuple[int, ...]
+
+    @property
+    def ndim(self) -> int:
+        """Number of dimensions."""
+        return len(self.shape)
+
+    @property
+    def itemsize(self) -> int:
+        """Bytes per element."""
+        return self.dtype.itemsize
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the whole array."""
+        return math.prod(self.shape) * self.dtype.itemsize
+
+    @abc.abstractmethod
+    def chunks(self, limit: int) -> Iterator[np.ndarray]:
+        """The elements in C order, little-endian, as uint8 arrays of at most ``limit`` bytes (each valid
+        until the next is asked for)."""
+
+    @classmethod
+    def from_read(cls, shape: tuple[int, ...], dtype: DType, read: Callable[[int, int], Any]) -> LazyArray:
+        """A lazy array of ``shape`` and ``dtype`` whose C-order bytes ``read(offset, nbytes)`` returns.
+
+        ``read`` is called with consecutive ranges of at most the writer's chunk size and returns a
+        bytes-like object of exactly ``nbytes`` bytes (e.g. a slice of a memory map or a file read).
+        """
+        return _ReadArray(shape, dtype, read)
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.dtype.name}{list(self.shape)}>"
+
+
+class _ReadArray(LazyArray):
+    """:meth:`LazyArray.from_read`'s array: bytes from a ``read(offset, nbytes)`` callback."""
 
     def __init__(self, shape: tuple[int, ...], dtype: DType, read: Callable[[int, int], Any]) -> None:
         self.shape = tuple(int(d) for d in shape)
         self.dtype = dtype
-        self.ndim = len(self.shape)
-        self.itemsize = dtype.itemsize
-        n = 1
-        for d in self.shape:
-            n *= d
-        self.nbytes = n * dtype.itemsize
         self._read = read
 
     def chunks(self, limit: int) -> Iterator[np.ndarray]:
         """The bytes in order, as uint8 arrays of at most ``limit`` bytes."""
         step = max(limit - limit % self.itemsize, self.itemsize)
-        for start in range(0, self.nbytes, step):
-            n = min(step, self.nbytes - start)
+        total = self.nbytes
+        for start in range(0, total, step):
+            n = min(step, total - start)
             data = np.frombuffer(self._read(start, n), dtype=np.uint8)
             if data.size != n:
                 raise ValueError(f"lazy array source returned {data.size} bytes, expected {n}")
             yield data
-
-    def __repr__(self) -> str:
-        return f"LazyArray(shape={self.shape}, dtype={self.dtype.name})"
 
 
 class LazyBackend:
@@ -56,7 +91,7 @@ class LazyBackend:
     name = "lazy"
 
     def is_array(self, obj: Any) -> bool:
-        """Only :class:`LazyArray`."""
+        """:class:`LazyArray` and its subclasses."""
         return isinstance(obj, LazyArray)
 
     def host_view(self, obj: Any) -> tuple[Any, DType, bool]:

@@ -22,7 +22,7 @@ def test_a_lazy_array_is_written_in_chunks_and_loads_as_the_array(tmp_path: Path
         reads.append((offset, n))
         return raw[offset : offset + n]
 
-    lazy = ckptfmt.LazyArray(src.shape, ckptfmt.DTYPES["int32"], read)
+    lazy = ckptfmt.LazyArray.from_read(src.shape, ckptfmt.DTYPES["int32"], read)
     path = tmp_path / "l.ckpt"
     ckptfmt.save(path, {"x": lazy, "n": 3})
     assert len(reads) > 1 and max(n for _, n in reads) <= 1 << 16  # never the whole tensor at once
@@ -36,7 +36,7 @@ def test_a_short_read_fails_the_save_and_keeps_the_old_file(tmp_path: Path) -> N
     path = tmp_path / "l.ckpt"
     ckptfmt.save(path, {"old": np.ones(2)})
     before = path.read_bytes()
-    lazy = ckptfmt.LazyArray((10,), ckptfmt.DTYPES["float64"], lambda offset, n: b"\0" * (n - 1))
+    lazy = ckptfmt.LazyArray.from_read((10,), ckptfmt.DTYPES["float64"], lambda offset, n: b"\0" * (n - 1))
     with pytest.raises(ValueError, match="expected"):
         ckptfmt.save(path, {"x": lazy})
     assert path.read_bytes() == before

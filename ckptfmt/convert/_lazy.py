@@ -1,62 +1,28 @@
 """Lazy tensors for conversion: sources the writer streams chunk by chunk, never holding them whole.
 
-A :class:`LazyArray` is a ``ckptfmt.DeviceSource`` (shape, ndim, itemsize, nbytes, ``chunks``) that
-also knows its canonical dtype; the backend registered here claims it as a leaf, so a tree of lazy
-arrays goes through ``ckptfmt.save`` like any other. :class:`FileArray` reads a byte range of a file
-(safetensors, .npy, stored .npz members). :func:`prepare` counts a tree's arrays and, when progress
-is asked for, wraps each so that the bytes the writer consumes are reported.
+The sources subclass the core :class:`ckptfmt.LazyArray` (a ``DeviceSource`` that knows its
+canonical dtype), which the core's one lazy backend saves like any other leaf. :class:`FileArray`
+reads a byte range of a file (safetensors, .npy, stored .npz members). :func:`prepare` counts a
+tree's arrays and, when progress is asked for, wraps each so that the bytes the writer consumes
+are reported.
 """
 
 from __future__ import annotations
 
-import abc
-import math
 import os
 from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 
 from .._backend import ArrayBackend, Source, backend_for, get_backend, register_backend
 from .._dtypes import DType
+from .._lazy import LazyArray
 from .._writer import contiguous_chunks
 from ._errors import CorruptSourceError
 
 __all__ = ["RAW", "FileArray", "LazyArray", "Progress", "RawArray", "prepare"]
-
-
-class LazyArray(abc.ABC):
-    """An array whose bytes are produced only while it is written.
-
-    Subclasses set ``dtype`` (canonical) and ``shape`` and implement :meth:`chunks`: the elements in
-    C order, little-endian, as uint8 arrays of at most ``limit`` bytes (each valid until the next).
-    """
-
-    dtype: DType
-    shape: tuple[int, ...]
-
-    @property
-    def ndim(self) -> int:
-        """Number of dimensions."""
-        return len(self.shape)
-
-    @property
-    def itemsize(self) -> int:
-        """Bytes per element."""
-        return self.dtype.itemsize
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes of the whole array."""
-        return math.prod(self.shape) * self.dtype.itemsize
-
-    @abc.abstractmethod
-    def chunks(self, limit: int) -> Iterator[np.ndarray]:
-        """The bytes, a bounded piece at a time."""
-
-    def __repr__(self) -> str:
-        return f"<{type(self).__name__} {self.dtype.name}{list(self.shape)}>"
 
 
 def slices(raw: np.ndarray, limit: int) -> Iterator[np.ndarray]:
@@ -263,18 +229,16 @@ def _is_swapped(src: Any) -> bool:
 
 
 class ConvertBackend:
-    """Claims :class:`LazyArray` and progress-tracked leaves; the write side only (never used to load)."""
+    """Claims raw and progress-tracked leaves; the write side only (never used to load)."""
 
     name = "convert-lazy"
 
     def is_array(self, obj: Any) -> bool:
-        """Lazy arrays, raw arrays and tracked leaves."""
-        return isinstance(obj, (LazyArray, RawArray, _Tracked))
+        """Raw arrays and tracked leaves (lazy arrays are the core lazy backend's)."""
+        return isinstance(obj, (RawArray, _Tracked))
 
     def host_view(self, obj: Any) -> tuple[Source, DType, bool]:
-        """A lazy array is its own source; a tracked leaf's source is its backend's, wrapped."""
-        if isinstance(obj, LazyArray):
-            return cast(Source, obj), obj.dtype, False  # a DeviceSource (read-only properties)
+        """A raw array's own bytes; a tracked leaf's source is its backend's, wrapped."""
         if isinstance(obj, RawArray):
             return RAW.host_view(obj)
         src, dtype, scalar = obj.backend.host_view(obj.inner)
@@ -282,9 +246,7 @@ class ConvertBackend:
         return _ProgressSource(src, obj.progress), dtype, scalar
 
     def alias_key(self, obj: Any) -> Hashable | None:
-        """Lazy arrays share nothing; tracked leaves share what their inner arrays share."""
-        if isinstance(obj, LazyArray):
-            return None
+        """Tracked leaves share what their inner arrays share."""
         if isinstance(obj, RawArray):
             return RAW.alias_key(obj)
         return None if _is_swapped(obj.source) else obj.backend.alias_key(obj.inner)
