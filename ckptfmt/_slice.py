@@ -119,7 +119,7 @@ def plan_slice(shape: tuple[int, ...], itemsize: int, index: Any) -> SlicePlan:
             return enum * itemsize
         return enum * (sels[at].hi - sels[at].lo) * block[at]
 
-    while e > 0:
+    while e > 0 and math.prod(sels[d].count for d in range(e)) > 1:  # widen only to make fewer runs
         run = itemsize if e == ndim else (sels[e].hi - sels[e].lo) * block[e]
         if run >= _MIN_RUN or cost(e - 1) > 4 * needed + (1 << 20):
             break
