@@ -141,6 +141,15 @@ class SharedFile:
 
     def read(self, n: int, offset: int) -> bytes:
         """``n`` bytes at ``offset`` (fewer at end of file)."""
+        if READ_METHOD != "seek":
+            with self.held() as fd:
+                out = os.pread(fd, n, offset)  # one copy, straight into the bytes object
+                while len(out) < n:
+                    more = os.pread(fd, n - len(out), offset + len(out))
+                    if not more:
+                        break
+                    out += more
+                return out
         buf = bytearray(n)
         got = self.readinto(memoryview(buf), offset)
         return bytes(buf[:got])

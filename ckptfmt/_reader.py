@@ -329,7 +329,7 @@ class Checkpoint:
                 raise CheckpointKeyError(f"{self.path}: no tensor row {key} (the table has "
                                          f"{len(self.manifest.tensors)})")
             return key
-        node = self._resolve(key)
+        node = self._resolve(str(key))
         ref = tensor_ref(node)
         if ref is None:
             what = "a view of another tensor (§4.7)" if type(node) is ViewRef else "not a tensor"
@@ -442,7 +442,7 @@ class Checkpoint:
         elif plan.starts:
             off, _, _ = self._blob(sl.row)
             box = np.empty(plan.box_shape, dtype=npd)
-            raw = memoryview(box.reshape(-1).view(np.uint8))
+            raw = box.reshape(-1).view(np.uint8).data
             file = self._check_open()
             with file.held() as fd:
                 for start, at in plan.runs():

@@ -28,7 +28,7 @@ def children(node: Any) -> Iterable[tuple[str | int, Any]] | None:
     """(key, child) pairs of a dict, list or tuple (exact types); None for a leaf."""
     t = type(node)
     if t is dict:
-        return node.items()  # type: ignore[no-any-return]
+        return node.items()  # type: ignore[no-any-return,unused-ignore]
     if t is list or t is tuple:
         return enumerate(node)
     return None

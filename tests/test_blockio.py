@@ -300,6 +300,7 @@ def test_torch_open_returns_tensors_from_get_and_get_slice(path: Path) -> None:
         assert isinstance(c.get_slice("big")[:10], torch.Tensor)
 
 
+@pytest.mark.gpu
 def test_torch_open_on_cuda_skips_cleanly_without_a_gpu(path: Path) -> None:
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():
