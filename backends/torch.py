@@ -148,7 +148,7 @@ class TorchBackend:
 
     def pinned_empty(self, nbytes: int, device: str | None) -> np.ndarray | None:
         """A host buffer to stage ``nbytes`` for ``device``: page-locked for CUDA (fast copies), else None."""
-        if is_host(device) or torch.device(device).type != "cuda":
+        if device is None or is_host(device) or torch.device(device).type != "cuda":
             return None
         return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True).numpy()
 

@@ -421,7 +421,8 @@ class Checkpoint:
         the selection needs, into fresh memory, and returns an array of the checkpoint's backend
         (torch with ``ckptfmt.torch.open``). A partial read cannot be checked against the blob's
         checksum, which covers the whole blob: slices are **not verified**, except one that selects
-        the whole tensor (``[:]``, ``[...]``), which is read whole and verified.
+        the whole tensor (``[:]``, ``[...]``), which is read whole and verified (``verify`` applies to
+        whole reads; per-chunk checksums in a later format version could cover slices too).
         """
         row = self._row(key)
         be, dev = self._backend_for(backend, device)
