@@ -7,8 +7,10 @@ from collections.abc import Iterable
 from typing import Any
 
 from . import _api
+from ._manifest import Limits
+from ._reader import Checkpoint
 
-__all__ = ["load", "save"]
+__all__ = ["load", "open", "save"]
 
 
 def save(path: str | os.PathLike[str], obj: Any, *, metadata: dict[str, Any] | None = None,
@@ -21,3 +23,9 @@ def load(path: str | os.PathLike[str], *, device: str = "cuda", keys: Iterable[s
          verify: bool = True) -> Any:
     """Load as cupy arrays on ``device`` ("cuda" or "cuda:N"); checksums are verified on host chunks."""
     return _api.load(path, keys=keys, verify=verify, mmap=False, backend="cupy", device=device)
+
+
+def open(path: str | os.PathLike[str], *, device: str = "cuda", limits: Limits | None = None  # noqa: A001
+         ) -> Checkpoint:
+    """Open lazily; ``get``, ``load`` and ``get_slice`` return cupy arrays on ``device``."""
+    return _api.open(path, limits=limits, backend="cupy", device=device)

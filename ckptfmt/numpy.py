@@ -10,8 +10,10 @@ from collections.abc import Iterable
 from typing import Any
 
 from . import _api
+from ._manifest import Limits
+from ._reader import Checkpoint
 
-__all__ = ["load", "save"]
+__all__ = ["load", "open", "save"]
 
 
 def save(path: str | os.PathLike[str], obj: Any, *, metadata: dict[str, Any] | None = None,
@@ -24,3 +26,8 @@ def load(path: str | os.PathLike[str], *, keys: Iterable[str] | str | None = Non
          mmap: bool = True) -> Any:
     """Load with numpy arrays; ``keys`` selects key paths."""
     return _api.load(path, keys=keys, verify=verify, mmap=mmap, backend="numpy")
+
+
+def open(path: str | os.PathLike[str], *, limits: Limits | None = None) -> Checkpoint:  # noqa: A001
+    """Open lazily; ``get``, ``load`` and ``get_slice`` return numpy arrays (host memory)."""
+    return _api.open(path, limits=limits, backend="numpy")

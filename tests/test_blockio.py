@@ -334,3 +334,10 @@ def test_a_small_get_reads_only_its_rows_columns(tmp_path: Path, monkeypatch: py
         assert np.array_equal(c.get("t1234"), [1234, 1234])
         assert calls == []
         assert len(c.load()) == 2000 and calls  # a whole load does use the fast whole-column path
+
+
+def test_numpy_open_is_the_numpy_default(path: Path) -> None:
+    import ckptfmt.numpy as cn
+
+    with cn.open(path) as c:
+        assert np.array_equal(c.get_slice("b")[2:5], [2, 3, 4]) and isinstance(c.get("w"), np.ndarray)

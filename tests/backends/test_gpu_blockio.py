@@ -77,3 +77,20 @@ def test_read_into_pinned_memory(torch_cuda: Any, tmp_path: Path) -> None:
     assert out.is_pinned() and torch.equal(out, torch.from_numpy(a))
     with ckptfmt.open(p) as c, pytest.raises(TypeError, match="cuda"):
         c.read_into("a", out.cuda())
+
+
+def test_cupy_open_gets_and_slices_on_the_device(tmp_path: Path) -> None:
+    cupy = pytest.importorskip("cupy")
+    try:
+        if not cupy.cuda.runtime.getDeviceCount():
+            pytest.skip("needs a CUDA device for cupy")
+    except cupy.cuda.runtime.CUDARuntimeError:
+        pytest.skip("needs a CUDA device for cupy")
+    import ckptfmt.cupy as cc
+
+    a = np.arange(60, dtype=np.float32).reshape(6, 10)
+    p = tmp_path / "c.ckpt"
+    ckptfmt.save(p, {"a": a})
+    with cc.open(p) as c:
+        assert isinstance(c.get("a"), cupy.ndarray) and np.array_equal(c.get("a").get(), a)
+        assert np.array_equal(c.get_slice("a")[1:4, ::-3].get(), a[1:4, ::-3])
