@@ -160,7 +160,7 @@ _SHARED_LOCK = threading.Lock()
 
 
 def _new_map(fd: int, access: int) -> _mmap.mmap:
-    if sys.version_info >= (3, 13):
+    if sys.version_info >= (3, 13) and sys.platform != "win32":  # Unix's mmap takes trackfd (3.13+)
         return _mmap.mmap(fd, 0, access=access, trackfd=False)  # type: ignore[call-arg,unused-ignore]
     return _mmap.mmap(fd, 0, access=access)
 
