@@ -124,6 +124,10 @@ def backend_for(obj: Any) -> ArrayBackend | None:
         for be in _load_for_module("numpy"):
             if be.is_array(obj):
                 return be
+    if root != "ckptfmt":  # ckptfmt's own leaf types (LazyArray) may be subclassed in any module
+        for be in _BY_MODULE.get("ckptfmt", ()):
+            if be.is_array(obj):
+                return be
     return None
 
 

@@ -48,3 +48,32 @@ def test_nothing_loads_as_a_lazy_array(tmp_path: Path) -> None:
     ckptfmt.save(path, {"x": np.ones(2)})
     with pytest.raises(TypeError):
         ckptfmt.load(path, backend="lazy")
+
+
+def test_one_lazy_array_class_for_the_core_and_the_converters(tmp_path: Path) -> None:
+    from collections.abc import Iterator
+
+    from ckptfmt import convert
+    from ckptfmt._backend import backend_for
+    from ckptfmt.convert._dcp import DcpTensor
+    from ckptfmt.convert._numpy import ZipMemberArray
+
+    assert convert.LazyArray is ckptfmt.LazyArray
+    for cls in (convert.FileArray, DcpTensor, ZipMemberArray):
+        assert issubclass(cls, ckptfmt.LazyArray)
+    with pytest.raises(TypeError):
+        ckptfmt.LazyArray()  # type: ignore[abstract]
+
+    class Ramp(ckptfmt.LazyArray):
+        dtype = ckptfmt.DTYPES["uint8"]
+        shape = (300,)
+
+        def chunks(self, limit: int) -> Iterator[np.ndarray]:
+            data = np.arange(300, dtype=np.int64).astype(np.uint8)
+            for i in range(0, 300, limit):
+                yield data[i : i + limit]
+
+    ramp = Ramp()
+    assert backend_for(ramp) is backend_for(ckptfmt.LazyArray.from_read((1,), ramp.dtype, lambda o, n: b"\0"))
+    ckptfmt.save(tmp_path / "r.ckpt", {"r": ramp})
+    assert np.array_equal(ckptfmt.load(tmp_path / "r.ckpt")["r"], np.arange(300).astype(np.uint8))
