@@ -25,6 +25,7 @@ from ._dtypes import DTYPES, DType, numpy_dtype
 from ._fileio import SharedFile, madvise_populate, map_file
 from ._footer import FOOTER_SIZE, parse_footer
 from ._header import HEADER_SIZE, MAGIC, Header, parse_header
+from ._lazy import LazyArray
 from ._manifest import (
     Limits,
     Manifest,
@@ -413,6 +414,16 @@ class Checkpoint:
                     raise self._mismatch(row)
             yield dest
 
+    def lazy(self, key: str | int, *, verify: bool = True) -> LazyArray:
+        """The tensor at ``key`` as a :class:`~ckptfmt.LazyArray`: saving it streams it from this file.
+
+        ``ckptfmt.save(dst, {"w": ckpt.lazy("w")})`` copies a tensor with memory bounded by the writer's
+        chunk size; with ``verify`` a corrupt blob fails the save (its checksum is checked before the
+        last chunk is handed over, so the previous file at ``dst`` stays). The checkpoint must stay
+        open until the save is done.
+        """
+        return _StoredArray(self, self._row(key), verify)
+
     def get_slice(self, key: str, *, backend: str | ArrayBackend | None = None,
                   device: str | None = None) -> TensorSlice:
         """The tensor at ``key``, to index without reading it whole: ``ckpt.get_slice("w")[0:128, ::2]``.
@@ -678,6 +689,24 @@ class Checkpoint:
             if view is not None:
                 view.release()
         return report
+
+
+class _StoredArray(LazyArray):
+    """A stored tensor streamed out of an open checkpoint through :meth:`Checkpoint.iter_chunks`."""
+
+    def __init__(self, ckpt: Checkpoint, row: int, verify: bool) -> None:
+        self._ckpt = ckpt
+        self._row = row
+        self._verify = verify
+        self.dtype = ckpt.row_dtype(row)
+        self.shape = ckpt.manifest.tensors.shape(row)
+
+    def chunks(self, limit: int) -> Iterator[np.ndarray]:
+        """Whole elements per chunk, read into one reused buffer (each valid until the next)."""
+        step = max(limit - limit % self.itemsize, self.itemsize)
+        buf = np.empty(min(step, self.nbytes), np.uint8)
+        for chunk in self._ckpt.iter_chunks(self._row, step, verify=self._verify, buffers=[buf]):
+            yield buf[: len(chunk)]
 
 
 class TensorSlice:

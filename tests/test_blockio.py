@@ -341,3 +341,23 @@ def test_numpy_open_is_the_numpy_default(path: Path) -> None:
 
     with cn.open(path) as c:
         assert np.array_equal(c.get_slice("b")[2:5], [2, 3, 4]) and isinstance(c.get("w"), np.ndarray)
+
+
+def test_lazy_streams_a_stored_tensor_into_a_new_checkpoint(path: Path, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    from ckptfmt import _writer
+
+    monkeypatch.setattr(_writer, "CHUNK_SIZE", 1 << 14)
+    dst = tmp_path / "copy.ckpt"
+    with ckptfmt.open(path) as c:
+        lazy = c.lazy("big")
+        assert isinstance(lazy, ckptfmt.LazyArray) and lazy.shape == (300_000,) and lazy.nbytes == 1_200_000
+        ckptfmt.save(dst, {"big": lazy, "e": c.lazy("e"), "w": c.lazy("w")})
+    got = ckptfmt.load(dst)
+    assert np.array_equal(got["big"], np.arange(300_000)) and np.array_equal(got["w"], _state()["w"])
+    assert got["e"].shape == (0, 4) and ckptfmt.verify(dst).ok
+    before = dst.read_bytes()
+    _corrupt(path, "big", 0)
+    with ckptfmt.open(path) as c, pytest.raises(ChecksumMismatchError):
+        ckptfmt.save(dst, {"big": c.lazy("big")})
+    assert dst.read_bytes() == before  # the corrupt copy never replaced the previous file
