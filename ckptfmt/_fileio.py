@@ -30,7 +30,7 @@ from typing import Any
 
 from .errors import CheckpointClosedError
 
-__all__ = ["SharedFile", "madvise_populate", "map_file"]
+__all__ = ["SharedFile", "madvise_populate", "map_file", "pread_exact"]
 
 #: which positional read this platform has: "preadv", "pread" or "seek" (tests change it to simulate others)
 READ_METHOD = "preadv" if hasattr(os, "preadv") else "pread" if hasattr(os, "pread") else "seek"
@@ -45,6 +45,22 @@ def _populate_read_advice() -> int | None:
 
 
 POPULATE_READ = _populate_read_advice()
+
+
+def pread_exact(fd: int, n: int, offset: int) -> bytes:
+    """``n`` bytes at ``offset`` of ``fd`` (fewer at end of file), for a caller that owns the descriptor."""
+    seek = READ_METHOD == "seek"
+    if seek:
+        os.lseek(fd, offset, os.SEEK_SET)
+    parts: list[bytes] = []
+    got = 0
+    while got < n:
+        more = os.read(fd, n - got) if seek else os.pread(fd, n - got, offset + got)
+        if not more:
+            break
+        parts.append(more)
+        got += len(more)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 class SharedFile:
@@ -138,21 +154,6 @@ class SharedFile:
                     break
                 done += got
             return done
-
-    def read(self, n: int, offset: int) -> bytes:
-        """``n`` bytes at ``offset`` (fewer at end of file)."""
-        if READ_METHOD != "seek":
-            with self.held() as fd:
-                out = os.pread(fd, n, offset)  # one copy, straight into the bytes object
-                while len(out) < n:
-                    more = os.pread(fd, n - len(out), offset + len(out))
-                    if not more:
-                        break
-                    out += more
-                return out
-        buf = bytearray(n)
-        got = self.readinto(memoryview(buf), offset)
-        return bytes(buf[:got])
 
 
 _SHARED: weakref.WeakValueDictionary[tuple[Any, ...], _mmap.mmap] = weakref.WeakValueDictionary()

@@ -22,7 +22,7 @@ import numpy as np
 from ._backend import ArrayBackend, get_backend, is_host
 from ._checksum import checksum, hasher
 from ._dtypes import DTYPES, DType, numpy_dtype
-from ._fileio import SharedFile, madvise_populate, map_file
+from ._fileio import SharedFile, madvise_populate, map_file, pread_exact
 from ._footer import FOOTER_SIZE, parse_footer
 from ._header import HEADER_SIZE, MAGIC, Header, parse_header
 from ._lazy import LazyArray
@@ -88,8 +88,8 @@ class VerifyReport:
                 "bytes_checked": self.bytes_checked, "checksummed": self.checksummed, "errors": self.errors}
 
 
-def _pread_exact(file: SharedFile, n: int, offset: int) -> bytes:
-    return file.read(n, offset)
+def _pread_exact(fd: int, n: int, offset: int) -> bytes:
+    return pread_exact(fd, n, offset)
 
 
 def writable_bytes(out: Any) -> memoryview:
@@ -161,10 +161,9 @@ class Checkpoint:
             raise
 
     def _open(self) -> None:
-        path, file = self.path, self._file
-        assert file is not None
-        self.file_size = os.fstat(file.fileno()).st_size
-        head = _pread_exact(file, HEADER_SIZE, 0)
+        path, fd = self.path, self._file.fileno()  # type: ignore[union-attr]  # set just before
+        self.file_size = os.fstat(fd).st_size
+        head = _pread_exact(fd, HEADER_SIZE, 0)
         if len(head) < HEADER_SIZE:
             if head[: len(MAGIC)] == MAGIC[: len(head)]:
                 raise TruncatedCheckpointError(path, f"file is {len(head)} bytes, shorter than the 64-byte header")
@@ -173,7 +172,7 @@ class Checkpoint:
         start = blob_region_start(self.header.alignment)
         if self.file_size < HEADER_SIZE + FOOTER_SIZE:
             raise TruncatedCheckpointError(path, f"file is {self.file_size} bytes: header present, footer missing")
-        self.footer = parse_footer(_pread_exact(file, FOOTER_SIZE, self.file_size - FOOTER_SIZE),
+        self.footer = parse_footer(_pread_exact(fd, FOOTER_SIZE, self.file_size - FOOTER_SIZE),
                                    self.file_size, self.header.minor, path)
         if self.footer.metadata_offset < start:
             raise InvalidMetadataError(path, f"footer: metadata offset {self.footer.metadata_offset} lies inside "
@@ -181,14 +180,14 @@ class Checkpoint:
         if self.footer.metadata_length > self._limits.max_metadata_bytes:
             raise MetadataLimitError(path, f"metadata is {self.footer.metadata_length} bytes, over the cap of "
                                            f"{self._limits.max_metadata_bytes} (raise Limits.max_metadata_bytes)")
-        meta = _pread_exact(file, self.footer.metadata_length, self.footer.metadata_offset)
+        meta = _pread_exact(fd, self.footer.metadata_length, self.footer.metadata_offset)
         if checksum(meta) != self.footer.metadata_checksum:
             raise ChecksumMismatchError(path, "metadata checksum mismatch (the metadata is corrupted)",
                                         region="metadata")
         self.manifest: Manifest = parse_manifest(
             meta, path=path, minor=self.header.minor, alignment=self.header.alignment,
             metadata_offset=self.footer.metadata_offset, limits=self._limits)
-        if start > HEADER_SIZE and any(_pread_exact(file, start - HEADER_SIZE, HEADER_SIZE)):
+        if start > HEADER_SIZE and any(_pread_exact(fd, start - HEADER_SIZE, HEADER_SIZE)):
             raise CorruptCheckpointError(path, f"padding bytes {HEADER_SIZE}..{start - 1} after the header are "
                                                "not zero")
 
