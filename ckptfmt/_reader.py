@@ -30,6 +30,7 @@ from ._manifest import (
     parse_manifest,
     tensor_ref,
 )
+from ._types import TYPES_KEY, parse_types, restore_types
 from .errors import (
     BadMagicError,
     CheckpointError,
@@ -127,6 +128,19 @@ class Checkpoint:
             os.close(fd)
             raise
 
+    @classmethod
+    def from_fd(cls, fd: int, name: str, *, limits: Limits | None = None) -> Checkpoint:
+        """A checkpoint over an open descriptor, which it then owns; ``name`` is what messages call it."""
+        self = cls.__new__(cls)
+        self.path, self._limits, self._mm, self._fd = name, limits or Limits(), None, fd
+        try:
+            self._open()
+        except BaseException:
+            self._fd = -1
+            os.close(fd)
+            raise
+        return self
+
     def _open(self) -> None:
         path, fd = self.path, self._fd
         self.file_size = os.fstat(fd).st_size
@@ -185,8 +199,9 @@ class Checkpoint:
     # -- metadata
     @property
     def metadata(self) -> dict[str, Any]:
-        """The user metadata saved with the checkpoint."""
-        return self.manifest.user
+        """The user metadata saved with the checkpoint (without the reserved type table, spec §4.8)."""
+        user = self.manifest.user
+        return {k: v for k, v in user.items() if k != TYPES_KEY} if TYPES_KEY in user else user
 
     @property
     def producer(self) -> dict[str, Any]:
@@ -420,7 +435,8 @@ class Checkpoint:
         if keys is None:
             if mmap and len(self) and not self._direct(be, device):
                 self._prefault()
-            return _rebuild(self.manifest.tree, self._read(range(len(self)), be, device, verify=verify, mmap=mmap))
+            out = _rebuild(self.manifest.tree, self._read(range(len(self)), be, device, verify=verify, mmap=mmap))
+            return self._restore_types(out, "", be)
         if isinstance(keys, str):
             keys = [keys]
         nodes = [(k, self._resolve(k)) for k in keys]
@@ -434,7 +450,15 @@ class Checkpoint:
                 elif type(leaf) is ViewRef:
                     rows[int(views.base[leaf.index])] = None
         convert = self._read(rows, be, device, verify=verify, mmap=mmap)
-        return {k: _rebuild(n, convert) for k, n in nodes}
+        return {k: self._restore_types(_rebuild(n, convert), k, be) for k, n in nodes}
+
+    def _restore_types(self, value: Any, at: str, be: ArrayBackend) -> Any:
+        """OrderedDicts (with a state dict's ``_metadata``) and torch config values back (spec §4.8)."""
+        table = self.manifest.user.get(TYPES_KEY)
+        if table is None:
+            return value
+        return restore_types(value, parse_types(table, self.path), at=at, torch_types=be.name == "torch",
+                             path=self.path)
 
     @staticmethod
     def _direct(be: ArrayBackend, device: str | None) -> bool:

@@ -11,7 +11,7 @@ from typing import Any
 
 from . import _api
 
-__all__ = ["load", "save"]
+__all__ = ["load", "load_bytes", "save", "save_bytes"]
 
 
 def save(path: str | os.PathLike[str], obj: Any, *, metadata: dict[str, Any] | None = None,
@@ -24,3 +24,14 @@ def load(path: str | os.PathLike[str], *, keys: Iterable[str] | str | None = Non
          mmap: bool = True) -> Any:
     """Load with numpy arrays; ``keys`` selects key paths."""
     return _api.load(path, keys=keys, verify=verify, mmap=mmap, backend="numpy")
+
+
+def save_bytes(obj: Any, *, metadata: dict[str, Any] | None = None, alignment: int | None = None,
+               checksum: bool = True) -> bytes:
+    """The checkpoint of ``obj`` as bytes (as ``safetensors.numpy.save``)."""
+    return _api.save_bytes(obj, metadata=metadata, alignment=alignment, checksum=checksum)
+
+
+def load_bytes(data: Any, *, keys: Iterable[str] | str | None = None, verify: bool = True) -> Any:
+    """numpy arrays from checkpoint bytes (as ``safetensors.numpy.load``)."""
+    return _api.load_bytes(data, keys=keys, verify=verify, backend="numpy")
