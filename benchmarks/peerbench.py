@@ -1,5 +1,6 @@
 # Vendored from ../shared/tools/peerbench.py (the project's peer baseline) so that the benchmarks run
-# from a clone. Keep it in step with that file; bench_*.py import it from this directory.
+# from a clone. Keep it in step with that file (verbatim below, hence no lint); bench_*.py import it from here.
+# ruff: noqa
 #!/usr/bin/env python3
 """Peer baseline for checkpoint save/load on one machine.
 

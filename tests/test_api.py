@@ -21,7 +21,8 @@ EXPORTS = [
     "InvalidMetadataError", "LazyArray", "Limits", "MetadataLimitError", "MissingDependencyError",
     "NotACheckpointFileError", "SaveHandle", "StagingPool", "TensorEntry", "TensorInfo",
     "TruncatedCheckpointError", "UnsupportedDTypeError", "UnsupportedObjectError", "UnsupportedVersionError",
-    "VerifyReport", "__version__", "convert", "diff", "get_backend", "inspect", "load", "load_bytes", "open", "register_backend",
+    "VerifyReport", "__version__", "convert", "diff", "get_backend", "inspect", "load", "load_bytes", "open",
+    "register_backend",
     "save", "save_bytes",
     "verify",
 ]
