@@ -122,10 +122,12 @@ def _save_background(path: Target, what: Plan, pool: StagingPool, **how: Any) ->
     feed = _Feed(pool)
     rows = staged_rows(what.rows, feed)
     failed = threading.Event()
+    stager = Stager(pool, feed, failed.is_set)
 
     def run() -> None:
         error: BaseException | None = None
         try:
+            stager.go.wait()
             _write(path, rows, what, **how)
         except BaseException as e:  # handed to the user at wait() or the next save
             error = e
@@ -136,7 +138,6 @@ def _save_background(path: Target, what: Plan, pool: StagingPool, **how: Any) ->
 
     pool.inflight = handle
     threading.Thread(target=run, name="ckptfmt-save", daemon=False).start()
-    stager = Stager(pool, feed, failed.is_set)
     try:
         stager.stage(what.rows)
     except _Cancelled:  # the writer failed first: its error is the one wait() reports
@@ -144,6 +145,7 @@ def _save_background(path: Target, what: Plan, pool: StagingPool, **how: Any) ->
         return handle
     except BaseException:
         feed.put_end(aborted=True)
+        stager.go.set()
         handle.join()
         handle.seen = True  # the staging error below is the one to report
         raise

@@ -64,8 +64,11 @@ class StagingPool:
                 pass
         return np.empty(self.slab, dtype=np.uint8)
 
-    def take(self, cancelled: Callable[[], bool]) -> np.ndarray:
-        """A free slab: a kept one, a new one while under capacity, or the next one the writer frees."""
+    def take(self, cancelled: Callable[[], bool], starved: Callable[[], None]) -> np.ndarray:
+        """A free slab: a kept one, a new one while under capacity, or the next one the writer frees.
+
+        ``starved()`` is called before waiting for the writer (which may be holding off until then).
+        """
         try:
             return self._free.get_nowait()
         except queue.Empty:
@@ -74,6 +77,7 @@ class StagingPool:
             if (self._made + 1) * self.slab <= self.capacity:
                 self._made += 1
                 return self._new_slab()
+        starved()
         while True:
             try:
                 return self._free.get(timeout=0.1)
@@ -204,6 +208,9 @@ class Stager:
 
     def __init__(self, pool: StagingPool, feed: _Feed, cancelled: Callable[[], bool]) -> None:
         self._pool, self._feed, self._cancelled = pool, feed, cancelled
+        #: Set when the writer may start: staging is done, or it needs the slabs the writer frees.
+        #: Until then the two do not compete for the memory bus, and the caller's stall is one copy.
+        self.go = threading.Event()
         self._slab: np.ndarray | None = None
         self._used = 0
 
@@ -211,7 +218,7 @@ class Stager:
         if self._slab is None or self._used == self._pool.slab:
             if self._slab is not None:
                 self._feed.put_release(self._slab)
-            self._slab = self._pool.take(self._cancelled)
+            self._slab = self._pool.take(self._cancelled, self.go.set)
             self._used = 0
         return self._slab
 
@@ -250,3 +257,4 @@ class Stager:
             self._feed.put_release(self._slab)
             self._slab = None
         self._feed.put_end(False)
+        self.go.set()

@@ -24,6 +24,23 @@ TORCH_SIZE, TORCH_DTYPE, TORCH_DEVICE = "torch.Size", "torch.dtype", "torch.devi
 _TORCH = {"Size": TORCH_SIZE, "dtype": TORCH_DTYPE, "device": TORCH_DEVICE}
 
 
+#: Per type: 0 a leaf left as it is, 1 a container to walk, 2 a torch value to tag (filled as types are met).
+_KIND: dict[type, int] = {str: 0, int: 0, float: 0, bool: 0, bytes: 0, type(None): 0, dict: 1, list: 1, tuple: 1}
+
+
+def _kind(t: type) -> int:
+    k = _KIND.get(t)
+    if k is None:
+        if t.__module__ == "torch" and t.__name__ in _TORCH:
+            k = 2
+        elif issubclass(t, (dict, list)) or (issubclass(t, tuple) and not hasattr(t, "_fields")):
+            k = 1
+        else:
+            k = 0
+        _KIND[t] = k
+    return k
+
+
 def _torch_kind(value: Any) -> str | None:
     t = type(value)
     return _TORCH.get(t.__name__) if t.__module__ == "torch" else None
@@ -62,13 +79,16 @@ def encode_types(obj: Any) -> tuple[Any, dict[str, Any]]:
                 if meta is not None:
                     entry["metadata"] = _plain_metadata(meta, _keypath.join(path) or "the root")
                 table[_keypath.join(path)] = entry
-            changed = False
-            out = {}
+            out: dict[Any, Any] | None = None
             for k, v in node.items():
-                nv = walk(v, (*path, k), depth + 1) if isinstance(k, (str, int)) else v
-                changed |= nv is not v
-                out[k] = nv
-            return out if changed else node
+                if not _kind(type(v)) or not isinstance(k, (str, int)):
+                    continue
+                nv = walk(v, (*path, k), depth + 1)
+                if nv is not v:
+                    if out is None:
+                        out = dict(node)
+                    out[k] = nv
+            return node if out is None else out
         kind = _torch_kind(node)
         if kind == TORCH_SIZE:
             table[_keypath.join(path)] = {"type": kind}
@@ -77,7 +97,7 @@ def encode_types(obj: Any) -> tuple[Any, dict[str, Any]]:
             table[_keypath.join(path)] = {"type": kind}
             return str(node)
         if t is list or (t is tuple and not hasattr(node, "_fields")):
-            items = [walk(v, (*path, i), depth + 1) for i, v in enumerate(node)]
+            items = [walk(v, (*path, i), depth + 1) if _kind(type(v)) else v for i, v in enumerate(node)]
             if any(a is not b for a, b in zip(items, node, strict=True)):
                 return items if t is list else tuple(items)
         return node
