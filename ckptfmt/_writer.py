@@ -24,8 +24,9 @@ from ._footer import Footer
 from ._header import Header
 from ._manifest import TensorTable, ViewTable, align_up, blob_region_start, pack_metadata
 
-#: Blobs below this are copied into the batch buffer; larger ones are written in place.
-SMALL_BLOB = 1 << 20
+#: Blobs below this are copied into the batch buffer; larger ones are written in place (gathered with
+#: what the buffer holds into one ``writev``), so neither copied nor followed by a zeroing of the buffer.
+SMALL_BLOB = 64 << 10
 BUFFER_SIZE = 4 << 20
 #: Largest temporary made when converting a non-contiguous or byte-swapped array.
 CHUNK_SIZE = 8 << 20
@@ -38,8 +39,24 @@ _BIG_ENDIAN_HOST = sys.byteorder == "big"
 Sink = Union[int, Callable[[memoryview], object]]  # noqa: UP007 (a runtime alias: Python 3.10 has no `type`)
 
 
-def write_all(fd: Sink, data: memoryview) -> None:
-    """``os.write`` until every byte of ``data`` is written (or hand it to a callable sink)."""
+def write_all(fd: Sink, data: memoryview | list[memoryview]) -> None:
+    """``os.write`` until every byte of ``data`` (one buffer, or a list written with ``writev``) is written.
+
+    A callable sink is handed each buffer in turn.
+    """
+    if isinstance(data, list):
+        if isinstance(fd, int) and hasattr(os, "writev"):
+            done = os.writev(fd, data)
+            for part in data:  # the rest of a short writev, buffer by buffer
+                if done >= len(part):
+                    done -= len(part)
+                    continue
+                write_all(fd, part[done:])
+                done = 0
+            return
+        for part in data:
+            write_all(fd, part)
+        return
     if not isinstance(fd, int):
         fd(data)
         return
@@ -109,14 +126,24 @@ class Writer:
             self._as_array[: self._fill] = 0
             self._fill = 0
 
+    def _direct(self, data: memoryview) -> None:
+        """Write ``data`` in place, after what the buffer holds (one gathered write)."""
+        if self._fill and len(data) <= _MAX_WRITE:
+            write_all(self._fd, [self._mv[: self._fill], data])
+            self._as_array[: self._fill] = 0
+            self._fill = 0
+        else:
+            self._flush()
+            write_all(self._fd, data)
+        self._pos += len(data)
+
     def _emit(self, data: memoryview) -> None:
         n = len(data)
+        if n >= SMALL_BLOB:
+            self._direct(data)
+            return
         if n > BUFFER_SIZE - self._fill:
             self._flush()
-            if n >= SMALL_BLOB:
-                write_all(self._fd, data)
-                self._pos += n
-                return
         self._mv[self._fill : self._fill + n] = data
         self._fill += n
         self._pos += n
@@ -208,14 +235,12 @@ class Writer:
                 h.update(data)
             self._emit(data)
             return
-        self._flush()
-        fd, do_sum = self._fd, self._checksum
+        do_sum = self._checksum
         for start in range(0, n, HASH_PIECE):
             piece = data[start : start + HASH_PIECE]
             if do_sum:
                 h.update(piece)
-            write_all(fd, piece)
-        self._pos += n
+            self._direct(piece)
 
     # -- end
     def finish(self, tree: Any, *, producer: dict[str, Any], created: str, user: dict[str, Any],
