@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import io
 import math
@@ -141,9 +142,13 @@ def _save_background(path: Target, what: Plan, pool: StagingPool, **how: Any) ->
     try:
         stager.stage(what.rows)
     except _Cancelled:  # the writer failed first: its error is the one wait() reports
+        with contextlib.suppress(BaseException):
+            stager.settle()
         feed.put_end(aborted=True)
         return handle
     except BaseException:
+        with contextlib.suppress(BaseException):
+            stager.settle()  # no copy may still read the caller's arrays once this returns
         feed.put_end(aborted=True)
         stager.go.set()
         handle.join()

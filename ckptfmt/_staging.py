@@ -9,9 +9,11 @@ writer frees: memory stays bounded by the pool, and the call returns when the ta
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -23,6 +25,9 @@ from ._writer import _as_bytes, _needs_conversion, contiguous_chunks
 #: Default pool: enough to stage a typical checkpoint whole, so a save costs one memory copy.
 DEFAULT_POOL_BYTES = 1 << 30
 DEFAULT_SLAB_BYTES = 16 << 20
+#: Pieces this large are copied on the pool's copy threads (numpy releases the GIL while copying).
+PARALLEL_COPY = 1 << 20
+_COPIERS = max(1, min(4, os.cpu_count() or 1))
 
 _END, _ABORT = object(), object()
 
@@ -46,7 +51,17 @@ class StagingPool:
         self._free: queue.Queue[np.ndarray] = queue.Queue()
         self._made = 0
         self._lock = threading.Lock()
+        self._copiers: ThreadPoolExecutor | None = None
         self.inflight: SaveHandle | None = None
+
+    def copier(self) -> ThreadPoolExecutor | None:
+        """The threads that copy large pieces (None on a single core: the caller copies)."""
+        if _COPIERS < 2:
+            return None
+        with self._lock:
+            if self._copiers is None:
+                self._copiers = ThreadPoolExecutor(_COPIERS, thread_name_prefix="ckptfmt-stage")
+            return self._copiers
 
     @property
     def allocated(self) -> int:
@@ -166,11 +181,11 @@ class _Feed:
         self._pool = pool
         self._q: queue.Queue[Any] = queue.Queue()
 
-    def put_piece(self, piece: np.ndarray) -> None:
-        self._q.put(piece)
+    def put_piece(self, piece: np.ndarray, copied: Future[Any] | None = None) -> None:
+        self._q.put(piece if copied is None else (copied, piece))
 
     def put_release(self, slab: np.ndarray) -> None:
-        self._q.put(("release", slab))
+        self._q.put(_Release(slab))
 
     def put_end(self, aborted: bool) -> None:
         self._q.put(_ABORT if aborted else _END)
@@ -178,8 +193,11 @@ class _Feed:
     def next_piece(self) -> np.ndarray:
         while True:
             item = self._q.get()
-            if type(item) is tuple:
-                self._pool.give(item[1])
+            if type(item) is _Release:
+                self._pool.give(item.slab)
+            elif type(item) is tuple:  # a piece still being copied on a copy thread
+                item[0].result()
+                return item[1]
             elif item is _ABORT:
                 raise _Cancelled("staging failed")
             elif item is _END:
@@ -191,10 +209,19 @@ class _Feed:
         """Consume everything up to the end marker, handing slabs back (after success or failure)."""
         while True:
             item = self._q.get()
-            if type(item) is tuple:
-                self._pool.give(item[1])
+            if type(item) is _Release:
+                self._pool.give(item.slab)
             elif item is _END or item is _ABORT:
                 return
+
+
+class _Release:
+    """A feed item: the slab before it is fully written, hand it back to the pool."""
+
+    __slots__ = ("slab",)
+
+    def __init__(self, slab: np.ndarray) -> None:
+        self.slab = slab
 
 
 def staged_rows(rows: list[tuple[Source, DType]], feed: _Feed) -> list[tuple[Source, DType]]:
@@ -213,6 +240,8 @@ class Stager:
         self.go = threading.Event()
         self._slab: np.ndarray | None = None
         self._used = 0
+        self._copier = pool.copier()
+        self._pending: list[Future[Any]] = []
 
     def _room(self) -> np.ndarray:
         if self._slab is None or self._used == self._pool.slab:
@@ -228,10 +257,15 @@ class Stager:
             slab = self._room()
             k = min(n - done, self._pool.slab - self._used)
             dest = slab[self._used : self._used + k]
-            np.copyto(dest, raw[done : done + k])
+            if self._copier is not None and k >= PARALLEL_COPY:
+                copied = self._copier.submit(np.copyto, dest, raw[done : done + k])
+                self._pending.append(copied)
+                self._feed.put_piece(dest, copied)
+            else:
+                np.copyto(dest, raw[done : done + k])
+                self._feed.put_piece(dest)
             self._used += k
             done += k
-            self._feed.put_piece(dest)
 
     def stage(self, rows: list[tuple[Source, DType]]) -> None:
         """Copy each row's bytes into slabs, in table order (the order the writer asks for them)."""
@@ -250,6 +284,14 @@ class Stager:
                 self._pool.pin = True  # a device array: page-locked slabs from now on
                 for chunk in src.chunks(self._pool.slab):
                     self._copy(np.asarray(chunk).reshape(-1).view(np.uint8))
+                    self.settle()  # a device chunk is valid only until the next one
+        self.settle()
+
+    def settle(self) -> None:
+        """Wait for every copy in flight (after this, the caller's arrays may change); raise the first error."""
+        pending, self._pending = self._pending, []
+        for f in pending:
+            f.result()
 
     def finish(self) -> None:
         """Hand the last slab back after its pieces, and mark the end."""

@@ -77,6 +77,20 @@ def test_changes_after_return_cannot_reach_the_checkpoint(tmp_path: Path) -> Non
     assert pool.allocated <= 1 << 24
 
 
+def test_large_pieces_copied_on_threads_are_complete_at_return(tmp_path: Path) -> None:
+    """Pieces of 1 MiB and more are copied on the pool's threads; all are done when the call returns."""
+    big = {f"b{i}": np.full((1024, 1024 + i), i, np.float32) for i in range(6)}  # 4 MiB each
+    expect = {k: v.copy() for k, v in big.items()}
+    pool = ckptfmt.StagingPool(12 << 20, slab=2 << 20)  # smaller than the state: writer runs meanwhile
+    h = ckptfmt.save(tmp_path / "b.ckpt", big, background=True, staging=pool)
+    for v in big.values():
+        v[:] = -1
+    assert h is not None
+    h.wait()
+    _same(ckptfmt.load(tmp_path / "b.ckpt"), expect)
+    assert pool.allocated <= 12 << 20
+
+
 def test_pool_smaller_than_the_state_stays_bounded(tmp_path: Path) -> None:
     """The call waits for slabs the writer frees; the pool never grows past its capacity."""
     state = {f"a{i}": np.full(50_000, i, np.float32) for i in range(20)}  # 4 MB through a 256 KiB pool
