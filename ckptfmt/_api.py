@@ -113,6 +113,11 @@ def _default_pool() -> StagingPool:
 
 
 def _save_background(path: Target, what: Plan, pool: StagingPool, **how: Any) -> SaveHandle:
+    with pool.turn:
+        return _stage_and_start(path, what, pool, **how)
+
+
+def _stage_and_start(path: Target, what: Plan, pool: StagingPool, **how: Any) -> SaveHandle:
     prev = pool.inflight
     if prev is not None:
         prev.join()  # one save per pool at a time: wait for the one before, and report its error once

@@ -53,6 +53,8 @@ class StagingPool:
         self._lock = threading.Lock()
         self._copiers: ThreadPoolExecutor | None = None
         self.inflight: SaveHandle | None = None
+        #: Held by the save that is staging: saves from several threads through one pool take turns.
+        self.turn = threading.Lock()
 
     def copier(self) -> ThreadPoolExecutor | None:
         """The threads that copy large pieces (None on a single core: the caller copies)."""

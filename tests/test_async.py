@@ -188,3 +188,24 @@ def test_sigkill_mid_background_write_keeps_the_previous_checkpoint(tmp_path: Pa
     assert ckptfmt.verify(path).ok
     ckptfmt.save(path, {"gen": 3})  # the next save clears the dead process's temporary
     assert [n for n in os.listdir(tmp_path) if is_temp_name(n)] == []
+
+
+def test_saves_from_several_threads_through_one_pool_take_turns(tmp_path: Path) -> None:
+    import threading
+
+    pool = ckptfmt.StagingPool(4 * SLAB, slab=SLAB)
+    handles: list[Any] = []
+
+    def save(i: int) -> None:
+        handles.append(ckptfmt.save(tmp_path / f"{i}.ckpt", _state(i), background=True, staging=pool))
+
+    threads = [threading.Thread(target=save, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    for h in handles:
+        h.wait()
+    for i in range(4):
+        _same(ckptfmt.load(tmp_path / f"{i}.ckpt"), _state(i))
+    assert pool.allocated <= 4 * SLAB
