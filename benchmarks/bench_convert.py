@@ -32,8 +32,7 @@ import subprocess
 import sys
 import time
 
-TOOLS = os.environ.get("PEERBENCH_DIR", os.path.normpath(
-    os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "tools")))
+TOOLS = os.environ.get("PEERBENCH_DIR", os.path.dirname(os.path.abspath(__file__)))  # vendored peerbench.py
 
 CHILD = r"""
 import json, os, sys, threading, time

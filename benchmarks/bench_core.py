@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Benchmark harness for ckptfmt's core save/load against its peers and the machine's limits.
 
-Reuses the peer cases and measurement method of ../shared/tools/peerbench.py (imported, not
-copied): the same synthetic state (``make_state``), the same ``touch`` (one byte read per 4 KiB
+Reuses the peer cases and measurement method of peerbench.py (vendored in this directory from
+../shared/tools/peerbench.py): the same synthetic state (``make_state``), the same ``touch`` (one byte read per 4 KiB
 page, so lazy loaders pay for the data), one fresh child process per measurement (so each peak RSS
 is its own; libraries are imported before the clock starts) and the same limits (``limits``).
 
@@ -48,7 +48,7 @@ import time
 
 HERE = os.path.abspath(__file__)
 REPO = os.path.dirname(os.path.dirname(HERE))
-TOOLS = os.path.normpath(os.path.join(REPO, "..", "shared", "tools"))
+TOOLS = os.path.dirname(HERE)  # the vendored peerbench.py lives beside this file
 
 
 def _peerbench():
@@ -58,8 +58,8 @@ def _peerbench():
         import peerbench
     except ImportError as e:
         raise SystemExit(f"bench_core.py needs peerbench.py (make_state, touch, limits, peer_save, peer_load); "
-                         f"expected it at {os.path.join(TOOLS, 'peerbench.py')} (../shared/tools relative to "
-                         f"the repository root {REPO}): {e}") from None
+                         f"expected it at {os.path.join(TOOLS, 'peerbench.py')} (vendored in benchmarks/ of "
+                         f"the repository {REPO}): {e}") from None
     return peerbench
 
 

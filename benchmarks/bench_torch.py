@@ -29,7 +29,7 @@ from collections.abc import Callable
 from typing import Any
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.normpath(os.path.join(HERE, "..", "..", "shared", "tools")))
+sys.path.insert(0, HERE)  # the vendored peerbench.py
 
 import peerbench  # noqa: E402
 import torch  # noqa: E402

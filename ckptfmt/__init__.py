@@ -9,12 +9,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from ._api import __version__, diff, inspect, load, open, save, verify  # noqa: A004
+from ._api import __version__, diff, inspect, load, load_bytes, open, save, save_bytes, verify  # noqa: A004
 from ._backend import ArrayBackend, DeviceSource, get_backend, register_backend
 from ._dtypes import DTYPES, DType
 from ._lazy import LazyArray
 from ._manifest import Limits, TensorEntry
 from ._reader import Checkpoint, TensorInfo, TensorSlice, VerifyReport
+from ._staging import SaveHandle, StagingPool
 from ._versions import FORMAT_MAJOR, FORMAT_MINOR
 from .errors import (
     BadMagicError,
@@ -67,6 +68,8 @@ __all__ = [
     "MetadataLimitError",
     "MissingDependencyError",
     "NotACheckpointFileError",
+    "SaveHandle",
+    "StagingPool",
     "TensorEntry",
     "TensorInfo",
     "TensorSlice",
@@ -81,8 +84,10 @@ __all__ = [
     "get_backend",
     "inspect",
     "load",
+    "load_bytes",
     "open",
     "register_backend",
     "save",
+    "save_bytes",
     "verify",
 ]

@@ -2,23 +2,29 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
+import io
 import math
 import os
+import threading
 from collections.abc import Iterable
 from typing import Any
 
 import msgpack
 import numpy as np
 
-from ._atomic import atomic_write
-from ._backend import ArrayBackend
+from ._backend import ArrayBackend, Source
+from ._dtypes import DType
 from ._header import DEFAULT_ALIGNMENT, check_alignment
 from ._keypath import join
 from ._manifest import Limits, ViewRef, check_plain, tensor_ref
-from ._plan import plan
+from ._plan import Plan, plan
 from ._reader import Checkpoint, VerifyReport
+from ._staging import SaveHandle, Stager, StagingPool, _Cancelled, _Feed, staged_rows
+from ._stream import is_path, name_of, open_bytes, open_stream, output
 from ._tree import plain, walk_leaves, walk_nodes
+from ._types import TYPES_KEY, encode_types
 from ._writer import Writer
 from .errors import (
     CheckpointNotFoundError,
@@ -38,51 +44,169 @@ def _created() -> str:
     return when.isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
-def save(path: str | os.PathLike[str], obj: Any, *, metadata: dict[str, Any] | None = None,
-         alignment: int | None = None, checksum: bool = True, durable: bool = True) -> None:
-    """Write ``obj`` (nested dicts/lists/tuples of arrays and plain values) to ``path``, atomically.
+#: What ``save`` and ``load`` accept as a file: a path, or a binary file object (or socket).
+Target = Any
 
-    The previous file at ``path`` is replaced only once the new one is complete (and, with
-    ``durable``, fsynced with its directory); on any failure it is left as it was. ``metadata`` is
-    a dict of plain values (str, int, float, bool, bytes, None, lists and dicts of them).
-    """
+
+def _prepare(obj: Any, metadata: dict[str, Any] | None, alignment: int | None) -> tuple[int, Plan, dict[str, Any]]:
+    """Alignment, save plan and user metadata (with the type side table, spec §4.8), all checked."""
     align = check_alignment(DEFAULT_ALIGNMENT if alignment is None else alignment)
+    obj, types = encode_types(obj)
     what = plan(obj)
     user = {} if metadata is None else metadata
     if not isinstance(user, dict):
         raise UnsupportedObjectError(f"metadata must be a dict, not {type(user).__name__}")
+    if TYPES_KEY in user:
+        raise UnsupportedObjectError(f"metadata key {TYPES_KEY!r} is reserved (it records saved types, spec §4.8)")
     check_plain(user)
-    created = _created()
-    with atomic_write(os.fspath(path), durable=durable) as fd:
-        writer = Writer(fd, alignment=align, checksum=checksum)
+    if types:
+        user = {**user, TYPES_KEY: types}
+        check_plain(types, what="a state dict's _metadata")
+    return align, what, user
+
+
+def _write(target: Target, rows: list[tuple[Source, DType]], what: Plan, *, align: int, checksum: bool,
+           durable: bool, created: str, user: dict[str, Any]) -> None:
+    with output(target, durable=durable) as sink:
+        writer = Writer(sink, alignment=align, checksum=checksum)
         try:
-            writer.write_blobs(what.rows)
+            writer.write_blobs(rows)
         except BaseException:
             writer.close()
             raise
         writer.finish(what.tree, producer=PRODUCER, created=created, user=user, views=what.views)
 
 
-def open(path: str | os.PathLike[str], *, limits: Limits | None = None,  # noqa: A001
+def save(path: Target, obj: Any, *, metadata: dict[str, Any] | None = None, alignment: int | None = None,
+         checksum: bool = True, durable: bool = True, background: bool = False,
+         staging: StagingPool | None = None) -> SaveHandle | None:
+    """Write ``obj`` (nested dicts/lists/tuples of arrays and plain values) to ``path``, atomically.
+
+    The previous file at ``path`` is replaced only once the new one is complete (and, with
+    ``durable``, fsynced with its directory); on any failure it is left as it was. ``metadata`` is
+    a dict of plain values (str, int, float, bool, bytes, None, lists and dicts of them).
+    ``path`` may be a binary file object or a socket: the file is streamed to it, front to back.
+
+    ``background=True`` copies every tensor into ``staging`` (a :class:`StagingPool`, by default a
+    shared 1 GiB one), returns a :class:`SaveHandle` once the copy is done (so the arrays may change
+    right away), and writes the file on a thread; errors surface at ``handle.wait()``, or at the next
+    background save through the same pool if nobody waited.
+    """
+    align, what, user = _prepare(obj, metadata, alignment)
+    created = _created()
+    if not background:
+        _write(path, what.rows, what, align=align, checksum=checksum, durable=durable, created=created, user=user)
+        return None
+    return _save_background(path, what, staging or _default_pool(), align=align, checksum=checksum,
+                            durable=durable, created=created, user=user)
+
+
+_POOL: StagingPool | None = None
+_POOL_LOCK = threading.Lock()
+
+
+def _default_pool() -> StagingPool:
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None:
+            _POOL = StagingPool()
+        return _POOL
+
+
+def _save_background(path: Target, what: Plan, pool: StagingPool, **how: Any) -> SaveHandle:
+    with pool.turn:
+        return _stage_and_start(path, what, pool, **how)
+
+
+def _stage_and_start(path: Target, what: Plan, pool: StagingPool, **how: Any) -> SaveHandle:
+    prev = pool.inflight
+    if prev is not None:
+        prev.join()  # one save per pool at a time: wait for the one before, and report its error once
+        if prev.unseen_error is not None:
+            error, prev.seen = prev.unseen_error, True
+            raise error
+    handle = SaveHandle(os.fsdecode(path) if is_path(path) else name_of(path))
+    feed = _Feed(pool)
+    rows = staged_rows(what.rows, feed)
+    failed = threading.Event()
+    stager = Stager(pool, feed, failed.is_set)
+
+    def run() -> None:
+        error: BaseException | None = None
+        try:
+            stager.go.wait()
+            _write(path, rows, what, **how)
+        except BaseException as e:  # handed to the user at wait() or the next save
+            error = e
+            failed.set()
+        finally:
+            feed.drain()
+            handle._finish(error)
+
+    pool.inflight = handle
+    threading.Thread(target=run, name="ckptfmt-save", daemon=False).start()
+    try:
+        stager.stage(what.rows)
+    except _Cancelled:  # the writer failed first: its error is the one wait() reports
+        with contextlib.suppress(BaseException):
+            stager.settle()
+        feed.put_end(aborted=True)
+        return handle
+    except BaseException:
+        with contextlib.suppress(BaseException):
+            stager.settle()  # no copy may still read the caller's arrays once this returns
+        feed.put_end(aborted=True)
+        stager.go.set()
+        handle.join()
+        handle.seen = True  # the staging error below is the one to report
+        raise
+    stager.finish()
+    return handle
+
+
+def save_bytes(obj: Any, *, metadata: dict[str, Any] | None = None, alignment: int | None = None,
+               checksum: bool = True) -> bytes:
+    """The checkpoint file of ``obj`` as bytes (as ``safetensors``' ``save``)."""
+    buf = io.BytesIO()
+    save(buf, obj, metadata=metadata, alignment=alignment, checksum=checksum, durable=False)
+    return buf.getvalue()
+
+
+def _checkpoint(path: Target, limits: Limits | None, **defaults: Any) -> Checkpoint:
+    if is_path(path):
+        return Checkpoint(path, limits=limits, **defaults)
+    return open_stream(path, limits=limits, **defaults)
+
+
+def open(path: Target, *, limits: Limits | None = None,  # noqa: A001
          backend: str | ArrayBackend = "numpy", device: str | None = None) -> Checkpoint:
     """Open a checkpoint lazily: validates the structure and metadata, reads no tensor data.
 
+    ``path`` may be a binary file object (a stream is read in once; see :func:`load`).
     ``backend``/``device`` choose what ``get``, ``load`` and ``get_slice`` return (e.g. torch tensors).
     """
-    return Checkpoint(path, limits=limits, backend=backend, device=device)
+    return _checkpoint(path, limits, backend=backend, device=device)
 
 
-def load(path: str | os.PathLike[str], *, keys: Iterable[str] | str | None = None, verify: bool = True,
+def load(path: Target, *, keys: Iterable[str] | str | None = None, verify: bool = True,
          mmap: bool = True, backend: str | ArrayBackend = "numpy", device: str | None = None,
          limits: Limits | None = None) -> Any:
     """Read a checkpoint back: the whole object, or ``{key: value}`` for the key paths in ``keys``.
 
     ``mmap=True`` returns read-only zero-copy views of a memory map; ``mmap=False`` reads into fresh
     writable arrays (the better choice on network filesystems). With ``verify``, each blob read is
-    checked against its checksum first.
+    checked against its checksum first. ``path`` may be a binary file object or socket: a regular
+    file at offset 0 is read in place, any other stream once, front to back, into anonymous memory.
     """
-    with Checkpoint(path, limits=limits) as ckpt:
+    with _checkpoint(path, limits) as ckpt:
         return ckpt.load(keys=keys, verify=verify, mmap=mmap, backend=backend, device=device)
+
+
+def load_bytes(data: Any, *, keys: Iterable[str] | str | None = None, verify: bool = True,
+               backend: str | ArrayBackend = "numpy", device: str | None = None, limits: Limits | None = None) -> Any:
+    """Read a checkpoint from a bytes-like object (as ``safetensors``' ``load``); arrays own their memory."""
+    with open_bytes(data, limits=limits) as ckpt:
+        return ckpt.load(keys=keys, verify=verify, mmap=True, backend=backend, device=device)
 
 
 def verify(path: str | os.PathLike[str], *, limits: Limits | None = None) -> VerifyReport:

@@ -11,6 +11,7 @@ import os
 import re
 import secrets
 import socket
+import threading
 from collections.abc import Iterator
 
 _TEMP_RE = re.compile(r"^\..*\.ckptfmt-tmp\.(?P<host>[A-Za-z0-9_-]+)\.(?P<pid>\d+)\.[0-9a-f]{8}$")
@@ -77,6 +78,20 @@ def fsync_directory(directory: str) -> None:
         os.close(fd)
 
 
+def _hold(path: str) -> int:
+    """An fd on the file at ``path`` (or -1), so that replacing it does not free its blocks yet."""
+    try:
+        return os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0))
+    except OSError:
+        return -1
+
+
+def _release_later(fd: int) -> None:
+    """Close ``fd`` on a thread: the last close frees the replaced file's pages, slow for a large file."""
+    if fd >= 0:
+        threading.Thread(target=os.close, args=(fd,), name="ckptfmt-release", daemon=True).start()
+
+
 @contextlib.contextmanager
 def atomic_write(path: str, *, durable: bool = True) -> Iterator[int]:
     """Yield a file descriptor open on a temporary that replaces ``path`` when the block succeeds."""
@@ -91,7 +106,11 @@ def atomic_write(path: str, *, durable: bool = True) -> Iterator[int]:
             os.fsync(fd)
         os.close(fd)
         fd = -1
-        os.replace(tmp, target)
+        old = _hold(target)
+        try:
+            os.replace(tmp, target)
+        finally:
+            _release_later(old)
     except BaseException:
         if fd >= 0:
             os.close(fd)

@@ -38,6 +38,7 @@ from ._manifest import (
 )
 from ._slice import plan_slice
 from ._tree import map_tree, plain, rebuild, resolve, tensor_rows, walk_leaves
+from ._types import TYPES_KEY, parse_types, restore_types
 from .errors import (
     BadMagicError,
     CheckpointClosedError,
@@ -135,7 +136,27 @@ class Checkpoint:
 
     def __init__(self, path: str | os.PathLike[str], *, limits: Limits | None = None,
                  backend: str | ArrayBackend = "numpy", device: str | None = None) -> None:
-        self.path = os.fspath(path)
+        name = os.fspath(path)
+        try:
+            fd = os.open(name, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0))
+        except FileNotFoundError:
+            raise CheckpointNotFoundError(name) from None
+        except IsADirectoryError:
+            raise NotACheckpointFileError(f"{name}: is a directory, not a checkpoint file") from None
+        self._setup(fd, name, limits, backend, device)
+
+    @classmethod
+    def from_fd(cls, fd: int, name: str, *, limits: Limits | None = None,
+                backend: str | ArrayBackend = "numpy", device: str | None = None) -> Checkpoint:
+        """A checkpoint over an open descriptor, which it then owns; ``name`` is what messages call it."""
+        self = cls.__new__(cls)
+        self._setup(fd, name, limits, backend, device)
+        return self
+
+    def _setup(self, fd: int, name: str, limits: Limits | None, backend: str | ArrayBackend,
+               device: str | None) -> None:
+        """Take ownership of ``fd`` and parse the file behind it (closing ``fd`` on any failure)."""
+        self.path = name
         self._limits = limits or Limits()
         self._mm: _mmap.mmap | None = None
         self._mm_copy: _mmap.mmap | None = None
@@ -143,12 +164,6 @@ class Checkpoint:
         self._row_keys: dict[int, str] | None = None
         self._backend = backend
         self._device = device
-        try:
-            fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0))
-        except FileNotFoundError:
-            raise CheckpointNotFoundError(self.path) from None
-        except IsADirectoryError:
-            raise NotACheckpointFileError(f"{self.path}: is a directory, not a checkpoint file") from None
         file = SharedFile(fd, self.path)
         try:
             if stat.S_ISDIR(os.fstat(fd).st_mode):
@@ -228,8 +243,9 @@ class Checkpoint:
     # -- metadata
     @property
     def metadata(self) -> dict[str, Any]:
-        """The user metadata saved with the checkpoint."""
-        return self.manifest.user
+        """The user metadata saved with the checkpoint (without the reserved type table, spec §4.8)."""
+        user = self.manifest.user
+        return {k: v for k, v in user.items() if k != TYPES_KEY} if TYPES_KEY in user else user
 
     @property
     def producer(self) -> dict[str, Any]:
@@ -620,7 +636,8 @@ class Checkpoint:
         if keys is None:
             if mmap and len(self) and not self._direct(be, device):
                 self._prefault(getattr(be, "copy_on_write", False))
-            return _rebuild(self.manifest.tree, self._read(range(len(self)), be, device, verify=verify, mmap=mmap))
+            out = _rebuild(self.manifest.tree, self._read(range(len(self)), be, device, verify=verify, mmap=mmap))
+            return self._restore_types(out, "", be)
         if isinstance(keys, str):
             keys = [keys]
         nodes = [(k, self._resolve(k)) for k in keys]
@@ -629,7 +646,15 @@ class Checkpoint:
         for _, n in nodes:
             rows.update(tensor_rows(n, lambda i: int(views.base[i])))
         convert = self._read(rows, be, device, verify=verify, mmap=mmap)
-        return {k: _rebuild(n, convert) for k, n in nodes}
+        return {k: self._restore_types(_rebuild(n, convert), k, be) for k, n in nodes}
+
+    def _restore_types(self, value: Any, at: str, be: ArrayBackend) -> Any:
+        """OrderedDicts (with a state dict's ``_metadata``) and torch config values back (spec §4.8)."""
+        table = self.manifest.user.get(TYPES_KEY)
+        if table is None:
+            return value
+        return restore_types(value, parse_types(table, self.path), at=at, torch_types=be.name == "torch",
+                             path=self.path)
 
     @staticmethod
     def _direct(be: ArrayBackend, device: str | None) -> bool:

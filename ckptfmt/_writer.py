@@ -1,16 +1,19 @@
 """The streaming Writer: header, then blobs as they come, then metadata and footer (spec §2).
 
 Memory stays bounded: small blobs are batched into one reusable buffer, large contiguous blobs are
-written straight from the caller's memory (hashed on a second thread meanwhile, as xxhash releases
-the GIL), and non-contiguous or byte-swapped arrays are converted a bounded chunk at a time.
+written straight from the caller's memory, a cache-sized piece at a time, each piece hashed just
+before it is written (so the write reads it from cache, not from memory a second time), and
+non-contiguous or byte-swapped arrays are converted a bounded chunk at a time. The output is a file
+descriptor or any callable that writes all of a buffer (a file object, a pipe, a socket): the format
+needs no seek.
 """
 
 from __future__ import annotations
 
 import os
 import sys
-from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Union
 
 import numpy as np
 
@@ -21,17 +24,42 @@ from ._footer import Footer
 from ._header import Header
 from ._manifest import TensorTable, ViewTable, align_up, blob_region_start, pack_metadata
 
-#: Blobs below this are copied into the batch buffer; larger ones are written in place.
-SMALL_BLOB = 1 << 20
+#: Blobs below this are copied into the batch buffer; larger ones are written in place (gathered with
+#: what the buffer holds into one ``writev``), so neither copied nor followed by a zeroing of the buffer.
+SMALL_BLOB = 64 << 10
 BUFFER_SIZE = 4 << 20
 #: Largest temporary made when converting a non-contiguous or byte-swapped array.
 CHUNK_SIZE = 8 << 20
+#: Large blobs are hashed and written this much at a time: small enough to stay in cache between the two.
+HASH_PIECE = 1 << 20
 _MAX_WRITE = 1 << 30
 _BIG_ENDIAN_HOST = sys.byteorder == "big"
 
+#: Where the bytes go: a file descriptor, or a callable that writes all of a buffer.
+Sink = Union[int, Callable[[memoryview], object]]  # noqa: UP007 (a runtime alias: Python 3.10 has no `type`)
 
-def write_all(fd: int, data: memoryview) -> None:
-    """``os.write`` until every byte of ``data`` is written."""
+
+def write_all(fd: Sink, data: memoryview | list[memoryview]) -> None:
+    """``os.write`` until every byte of ``data`` (one buffer, or a list written with ``writev``) is written.
+
+    A callable sink is handed each buffer in turn.
+    """
+    if isinstance(data, list):
+        if isinstance(fd, int) and hasattr(os, "writev"):
+            done = os.writev(fd, data)
+            for part in data:  # the rest of a short writev, buffer by buffer
+                if done >= len(part):
+                    done -= len(part)
+                    continue
+                write_all(fd, part[done:])
+                done = 0
+            return
+        for part in data:
+            write_all(fd, part)
+        return
+    if not isinstance(fd, int):
+        fd(data)
+        return
     while len(data):
         n = os.write(fd, data[:_MAX_WRITE])
         data = data[n:]
@@ -72,7 +100,7 @@ class Writer:
     times) with the tensors in table order; 3. :meth:`finish` writes the metadata and the footer.
     """
 
-    def __init__(self, fd: int, *, alignment: int, checksum: bool = True) -> None:
+    def __init__(self, fd: Sink, *, alignment: int, checksum: bool = True) -> None:
         self._fd = fd
         self._alignment = alignment
         self._checksum = checksum
@@ -81,7 +109,6 @@ class Writer:
         self._as_array = np.frombuffer(self._buf, dtype=np.uint8)
         self._fill = 0
         self._pos = 0
-        self._pool: ThreadPoolExecutor | None = None
         self._dtype_codes: dict[str, int] = {}
         self._code: list[int] = []
         self._ndim: list[int] = []
@@ -99,14 +126,24 @@ class Writer:
             self._as_array[: self._fill] = 0
             self._fill = 0
 
+    def _direct(self, data: memoryview) -> None:
+        """Write ``data`` in place, after what the buffer holds (one gathered write)."""
+        if self._fill and len(data) <= _MAX_WRITE:
+            write_all(self._fd, [self._mv[: self._fill], data])
+            self._as_array[: self._fill] = 0
+            self._fill = 0
+        else:
+            self._flush()
+            write_all(self._fd, data)
+        self._pos += len(data)
+
     def _emit(self, data: memoryview) -> None:
         n = len(data)
+        if n >= SMALL_BLOB:
+            self._direct(data)
+            return
         if n > BUFFER_SIZE - self._fill:
             self._flush()
-            if n >= SMALL_BLOB:
-                write_all(self._fd, data)
-                self._pos += n
-                return
         self._mv[self._fill : self._fill + n] = data
         self._fill += n
         self._pos += n
@@ -169,12 +206,10 @@ class Writer:
             sums.append(digest)
 
     def _write_data(self, arr: Source, nbytes: int) -> int:
-        if not isinstance(arr, np.ndarray):  # a device array: its chunks arrive in pinned host memory
+        if not isinstance(arr, np.ndarray):  # a device array (its chunks arrive in pinned host memory) or staged
             h = hasher()
             for chunk in arr.chunks(CHUNK_SIZE):
-                if self._checksum:
-                    h.update(chunk.data)
-                self._emit(chunk.data)
+                self._hash_emit(chunk.data, h)
             return h.intdigest() if self._checksum else 0
         if not _needs_conversion(arr):
             raw = _as_bytes(arr)
@@ -182,17 +217,30 @@ class Writer:
                 digest = checksum(raw) if self._checksum else 0
                 self._emit(raw.data)
                 return digest
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(1, thread_name_prefix="ckptfmt-hash")
-            pending: Future[int] = self._pool.submit(checksum, raw)
-            self._emit(raw.data)
-            return pending.result()
+            h = hasher()
+            self._hash_emit(raw.data, h)
+            return h.intdigest()
         h = hasher()
         for chunk in contiguous_chunks(arr):
             if self._checksum:
                 h.update(chunk.data)
             self._emit(chunk.data)
         return h.intdigest() if self._checksum else 0
+
+    def _hash_emit(self, data: memoryview, h: Any) -> None:
+        """Write ``data``, hashing it (when checksums are on) one cache-sized piece before each write."""
+        n = len(data)
+        if n < SMALL_BLOB:
+            if self._checksum:
+                h.update(data)
+            self._emit(data)
+            return
+        do_sum = self._checksum
+        for start in range(0, n, HASH_PIECE):
+            piece = data[start : start + HASH_PIECE]
+            if do_sum:
+                h.update(piece)
+            self._direct(piece)
 
     # -- end
     def finish(self, tree: Any, *, producer: dict[str, Any], created: str, user: dict[str, Any],
@@ -219,7 +267,4 @@ class Writer:
             self.close()
 
     def close(self) -> None:
-        """Stop the hashing thread (the file descriptor belongs to the caller)."""
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
+        """End of the call sequence; nothing is held open (the output belongs to the caller)."""

@@ -13,7 +13,7 @@ from . import _api
 from ._manifest import Limits
 from ._reader import Checkpoint
 
-__all__ = ["load", "open", "save"]
+__all__ = ["load", "load_bytes", "open", "save", "save_bytes"]
 
 
 def save(path: str | os.PathLike[str], obj: Any, *, metadata: dict[str, Any] | None = None,
@@ -31,3 +31,12 @@ def load(path: str | os.PathLike[str], *, keys: Iterable[str] | str | None = Non
 def open(path: str | os.PathLike[str], *, limits: Limits | None = None) -> Checkpoint:  # noqa: A001
     """Open lazily; ``get``, ``load`` and ``get_slice`` return numpy arrays (host memory)."""
     return _api.open(path, limits=limits, backend="numpy")
+def save_bytes(obj: Any, *, metadata: dict[str, Any] | None = None, alignment: int | None = None,
+               checksum: bool = True) -> bytes:
+    """The checkpoint of ``obj`` as bytes (as ``safetensors.numpy.save``)."""
+    return _api.save_bytes(obj, metadata=metadata, alignment=alignment, checksum=checksum)
+
+
+def load_bytes(data: Any, *, keys: Iterable[str] | str | None = None, verify: bool = True) -> Any:
+    """numpy arrays from checkpoint bytes (as ``safetensors.numpy.load``)."""
+    return _api.load_bytes(data, keys=keys, verify=verify, backend="numpy")

@@ -19,11 +19,12 @@ EXPORTS = [
     "BadMagicError", "Checkpoint", "CheckpointError", "CheckpointKeyError", "CheckpointNotFoundError",
     "ChecksumMismatchError", "CorruptCheckpointError", "FORMAT_MAJOR", "FORMAT_MINOR", "InvalidKeyError",
     "InvalidMetadataError", "LazyArray", "Limits", "MetadataLimitError", "MissingDependencyError",
-    "NotACheckpointFileError", "TensorEntry", "TensorInfo",
+    "NotACheckpointFileError", "SaveHandle", "StagingPool", "TensorEntry", "TensorInfo",
     "CheckpointClosedError", "TensorSlice",
     "TruncatedCheckpointError", "UnsupportedDTypeError", "UnsupportedObjectError", "UnsupportedVersionError",
-    "VerifyReport", "__version__", "convert", "diff", "get_backend", "inspect", "load", "open", "register_backend",
-    "save",
+    "VerifyReport", "__version__", "convert", "diff", "get_backend", "inspect", "load", "load_bytes", "open",
+    "register_backend",
+    "save", "save_bytes",
     "verify",
 ]
 

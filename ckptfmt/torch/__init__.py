@@ -20,6 +20,7 @@ from typing import Any
 from .. import _api
 from .._manifest import Limits
 from .._reader import Checkpoint
+from .._staging import SaveHandle, StagingPool
 from ._training import (
     StateDictMismatchError,
     TrainingCheckpoint,
@@ -39,19 +40,39 @@ __all__ = [
     "TrainingCheckpoint",
     "capture_rng_state",
     "load",
+    "load_bytes",
     "load_checkpoint",
     "open",
     "restore_checkpoint",
     "restore_rng_state",
     "save",
+    "save_bytes",
     "save_checkpoint",
 ]
 
 
-def save(path: str | os.PathLike[str], obj: Any, *, metadata: dict[str, Any] | None = None,
-         alignment: int | None = None, checksum: bool = True, durable: bool = True) -> None:
-    """Save ``obj`` (e.g. a ``state_dict``; tensors on any device, ``nn.Parameter`` saved as data)."""
-    _api.save(path, obj, metadata=metadata, alignment=alignment, checksum=checksum, durable=durable)
+def save(path: Any, obj: Any, *, metadata: dict[str, Any] | None = None, alignment: int | None = None,
+         checksum: bool = True, durable: bool = True, background: bool = False,
+         staging: StagingPool | None = None) -> SaveHandle | None:
+    """Save ``obj`` (e.g. a ``state_dict``; tensors on any device, ``nn.Parameter`` saved as data).
+
+    ``path`` may be a binary file object; ``background=True`` returns a :class:`ckptfmt.SaveHandle`
+    once the tensors are copied (see :func:`ckptfmt.save`).
+    """
+    return _api.save(path, obj, metadata=metadata, alignment=alignment, checksum=checksum, durable=durable,
+                     background=background, staging=staging)
+
+
+def save_bytes(obj: Any, *, metadata: dict[str, Any] | None = None, alignment: int | None = None,
+               checksum: bool = True) -> bytes:
+    """The checkpoint of ``obj`` as bytes (as ``safetensors.torch.save``)."""
+    return _api.save_bytes(obj, metadata=metadata, alignment=alignment, checksum=checksum)
+
+
+def load_bytes(data: Any, *, device: str = "cpu", keys: Iterable[str] | str | None = None,
+               verify: bool = True) -> Any:
+    """Torch tensors on ``device`` from checkpoint bytes (as ``safetensors.torch.load``); CPU ones own their memory."""
+    return _api.load_bytes(data, keys=keys, verify=verify, backend="torch", device=device)
 
 
 def load(path: str | os.PathLike[str], *, device: str = "cpu", keys: Iterable[str] | str | None = None,

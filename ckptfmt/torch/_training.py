@@ -123,13 +123,15 @@ def _state(obj: Any) -> Any:
 def save_checkpoint(path: str | os.PathLike[str], model: torch.nn.Module | dict[str, Any], optimizer: Any = None, *,
                     scheduler: Any = None, scaler: Any = None, epoch: int | None = None, step: int | None = None,
                     loss: float | None = None, config: Any = None, vocab: Any = None, rng: bool = True,
-                    extra: Any = None, metadata: dict[str, Any] | None = None, durable: bool = True) -> None:
+                    extra: Any = None, metadata: dict[str, Any] | None = None, durable: bool = True,
+                    background: bool = False, staging: Any = None) -> Any:
     """Write one atomic ``.ckpt`` file holding the whole training state.
 
     ``model`` may also be a state dict. ``optimizer``, ``scheduler`` and ``scaler`` are anything
     with ``state_dict()`` (torch optimizers, LR schedulers, ``torch.amp.GradScaler``,
     :class:`ckptfmt.torch.amp.MasterWeightOptimizer`, a resumable sampler). ``config``, ``vocab``
-    and ``extra`` hold plain data (dicts, lists, str, numbers) and tensors.
+    and ``extra`` hold plain data (dicts, lists, str, numbers) and tensors. ``background``/``staging``:
+    as :func:`ckptfmt.save` (then a :class:`ckptfmt.SaveHandle` is returned).
     """
     if isinstance(loss, torch.Tensor):
         loss = float(loss.detach())
@@ -151,7 +153,7 @@ def save_checkpoint(path: str | os.PathLike[str], model: torch.nn.Module | dict[
         "extra": extra,
     }
     summary = {"kind": KIND, "epoch": epoch, "step": step, "loss": loss, **(metadata or {})}
-    _api.save(path, tree, metadata=summary, durable=durable)
+    return _api.save(path, tree, metadata=summary, durable=durable, background=background, staging=staging)
 
 
 def load_checkpoint(path: str | os.PathLike[str], *, map_location: str = "cpu", verify: bool = True

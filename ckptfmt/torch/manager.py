@@ -19,7 +19,9 @@ from typing import Any
 from .. import _api
 from .._atomic import atomic_write, fsync_directory
 from .._index import INDEX, read_index
+from .._staging import StagingPool
 from ..errors import CheckpointError, CheckpointNotFoundError
+from ._background import start_background, wait_background
 from ._training import TrainingCheckpoint, load_checkpoint, restore_checkpoint, save_checkpoint
 
 
@@ -61,11 +63,30 @@ class CheckpointManager:
         return os.path.join(self.directory, checkpoint_name(step))
 
     # -- save
-    def save(self, step: int, model: Any, optimizer: Any = None, **what: Any) -> str:
-        """Write the checkpoint of ``step`` (arguments as :func:`save_checkpoint`), index it, then prune."""
+    def save(self, step: int, model: Any, optimizer: Any = None, *, blocking: bool = True,
+             staging: StagingPool | None = None, **what: Any) -> Any:
+        """Write the checkpoint of ``step`` (arguments as :func:`save_checkpoint`), index it, then prune.
+
+        Returns the path; with ``blocking=False``, a :class:`ckptfmt.SaveHandle` as soon as the
+        tensors are staged (in ``staging``, a pool kept by the manager by default): the file is written,
+        indexed and pruned on a thread. One save is in flight at a time: the next waits for it, and
+        raises its error if no ``wait()`` did.
+        """
         step = int(step)
         path = self.path(step)
+        if not blocking:
+            return start_background(self, step, path, model, optimizer, staging=staging, **what)
+        self.wait()
         save_checkpoint(path, model, optimizer, step=step, **what)  # atomic and durable
+        self._commit(step, path)
+        return path
+
+    def wait(self) -> None:
+        """Wait for the background save in flight, if any; raise its error if nobody has seen it."""
+        wait_background(self)
+
+    def _commit(self, step: int, path: str) -> None:
+        """Index the complete checkpoint of ``step``, then prune."""
         with _api.open(path) as ckpt:
             meta = dict(ckpt.metadata)
         entries = [e for e in self.list() if e["step"] != step]
@@ -73,7 +94,6 @@ class CheckpointManager:
                         "size": os.path.getsize(path), "metadata": _json_safe(meta)})
         self._write_index(entries)
         self._prune(entries)
-        return path
 
     def _prune(self, entries: builtins.list[dict[str, Any]]) -> None:
         if self.keep_last is None:

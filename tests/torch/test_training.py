@@ -179,7 +179,7 @@ def test_round_trip_of_everything(trained: dict[str, Any]) -> None:
 
 def test_loading_needs_no_model_and_returns_plain_tensors(trained: dict[str, Any]) -> None:
     ckpt = load_checkpoint(os.fspath(trained["path"]))
-    assert type(ckpt.model_state) is dict
+    assert isinstance(ckpt.model_state, dict)  # an OrderedDict with _metadata, as state_dict() gave
     assert all(type(k) is str for k in ckpt.model_state)
     assert all(type(v) is torch.Tensor for v in ckpt.model_state.values())  # not nn.Parameter
     assert all(v.device.type == "cpu" for v in ckpt.model_state.values())
