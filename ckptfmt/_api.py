@@ -15,7 +15,7 @@ from ._atomic import atomic_write
 from ._backend import ArrayBackend
 from ._header import DEFAULT_ALIGNMENT, check_alignment
 from ._keypath import join
-from ._manifest import Limits, ViewRef, check_plain, tensor_ref
+from ._manifest import Limits, ViewRef, check_plain, fit_metadata, tensor_ref
 from ._plan import plan
 from ._reader import Checkpoint, VerifyReport, plain, walk_leaves
 from ._writer import Writer
@@ -38,20 +38,26 @@ def _created() -> str:
 
 
 def save(path: str | os.PathLike[str], obj: Any, *, metadata: dict[str, Any] | None = None,
-         alignment: int | None = None, checksum: bool = True, durable: bool = True) -> None:
+         alignment: int | None = None, checksum: bool = True, durable: bool = True,
+         limits: Limits | None = None) -> None:
     """Write ``obj`` (nested dicts/lists/tuples of arrays and plain values) to ``path``, atomically.
 
     The previous file at ``path`` is replaced only once the new one is complete (and, with
     ``durable``, fsynced with its directory); on any failure it is left as it was. ``metadata`` is
-    a dict of plain values (str, int, float, bool, bytes, None, lists and dicts of them).
+    a dict of plain values (str, int, float, bool, bytes, None, lists and dicts of them). A file
+    that a reader with ``limits`` (default :class:`Limits`) would refuse is refused before any byte
+    is written (:class:`ObjectLimitError`).
     """
     align = check_alignment(DEFAULT_ALIGNMENT if alignment is None else alignment)
     what = plan(obj)
     user = {} if metadata is None else metadata
     if not isinstance(user, dict):
         raise UnsupportedObjectError(f"metadata must be a dict, not {type(user).__name__}")
-    check_plain(user)
+    containers = check_plain(user)
     created = _created()
+    tree = fit_metadata(what.tree, shapes=[tuple(src.shape) for src, _ in what.rows], views=what.views, user=user,
+                        producer=PRODUCER, created=created, containers=what.containers + containers,
+                        limits=limits or Limits())
     with atomic_write(os.fspath(path), durable=durable) as fd:
         writer = Writer(fd, alignment=align, checksum=checksum)
         try:
@@ -59,7 +65,7 @@ def save(path: str | os.PathLike[str], obj: Any, *, metadata: dict[str, Any] | N
         except BaseException:
             writer.close()
             raise
-        writer.finish(what.tree, producer=PRODUCER, created=created, user=user, views=what.views)
+        writer.finish(tree, producer=PRODUCER, created=created, user=user, views=what.views)
 
 
 def open(path: str | os.PathLike[str], *, limits: Limits | None = None) -> Checkpoint:  # noqa: A001

@@ -89,6 +89,23 @@ def _pread_exact(fd: int, n: int, offset: int) -> bytes:
     return out
 
 
+#: Padding is checked in pieces of this size: O(1) memory whatever the alignment.
+_ZERO_CHUNK = 1 << 20
+
+
+def _zero_range(fd: int, start: int, end: int) -> bool:
+    """Whether bytes ``[start, end)`` of the file are all zero, read a bounded piece at a time (§3.3 step 8)."""
+    buf = np.empty(min(_ZERO_CHUNK, max(end - start, 0)), np.uint8)
+    pos = start
+    while pos < end:
+        piece = buf[: min(len(buf), end - pos)]
+        got = _readinto_exact(fd, piece.data, pos)
+        if got != len(piece) or piece.any():
+            return False
+        pos += got
+    return True
+
+
 def _readinto_exact(fd: int, dest: memoryview, offset: int) -> int:
     done = 0
     while done < len(dest):
@@ -154,7 +171,7 @@ class Checkpoint:
         self.manifest: Manifest = parse_manifest(
             meta, path=path, minor=self.header.minor, alignment=self.header.alignment,
             metadata_offset=self.footer.metadata_offset, limits=self._limits)
-        if start > HEADER_SIZE and any(_pread_exact(fd, start - HEADER_SIZE, HEADER_SIZE)):
+        if start > HEADER_SIZE and not _zero_range(fd, HEADER_SIZE, start):
             raise CorruptCheckpointError(path, f"padding bytes {HEADER_SIZE}..{start - 1} after the header are "
                                                "not zero")
 
@@ -311,7 +328,7 @@ class Checkpoint:
             return
         end = int(tt.offset[row]) + nb
         pad = align_up(end, self.header.alignment) - end
-        if pad and any(self._map()[end : end + pad]):
+        if pad and not _zero_range(self._fd, end, end + pad):
             raise CorruptCheckpointError(self.path, f"padding bytes {end}..{end + pad - 1} after tensor "
                                                     f"{self._key_of(row)!r} are not zero")
 
@@ -482,6 +499,7 @@ class Checkpoint:
         report = VerifyReport(self.path, ok=True, checksummed=tt.checksum is not None)
         sums = tt.checksum.tolist() if tt.checksum is not None else None
         offsets, sizes = tt.offset.tolist(), tt.nbytes.tolist()
+        bools = [tt.dtype_names[c] == "bool" for c in tt.dtype_code.tolist()]
         view = memoryview(self._map()) if len(tt) else None
         try:
             for i in range(len(tt)):
@@ -489,6 +507,10 @@ class Checkpoint:
                 try:
                     if nb and sums is not None and view is not None and checksum(view[off : off + nb]) != sums[i]:
                         raise self._mismatch(i)
+                    if nb and bools[i] and view is not None and \
+                            np.frombuffer(view[off : off + nb], np.uint8).max() > 1:
+                        raise InvalidMetadataError(self.path, f"tensor {self._key_of(i)!r}: a bool byte is neither 0 "
+                                                              "nor 1 (§6)")
                     self._check_padding(i)
                 except CorruptCheckpointError as e:
                     report.ok = False
@@ -540,22 +562,30 @@ class _Converter:
 
 
 def _is_decimal(el: str) -> bool:
+    """Whether ``el`` is an int key or index in canonical decimal (at most 20 digits: ints are 64-bit, §4.4)."""
     body = el[1:] if el.startswith("-") else el
-    return body.isdigit() and body.isascii() and str(int(el)) == el
+    return 0 < len(body) <= 20 and body.isdigit() and body.isascii() and str(int(el)) == el
 
 
 def walk_leaves(node: Any, path: tuple[str | int, ...] = ()) -> Iterator[tuple[str, Any]]:
     """(key path, leaf) for every leaf of a decoded tree, in tree order (empty containers have none)."""
-    stack: list[tuple[Any, tuple[str | int, ...]]] = [(node, path)]
+    t = type(node)
+    if t is not dict and t is not list and t is not tuple:
+        yield _keypath.join(path), node
+        return
+    # one iterator per open container: memory O(depth), whatever the width (a tree of 10**7 leaves)
+    stack: list[tuple[Iterator[tuple[Any, Any]], tuple[str | int, ...]]] = [
+        (iter(node.items()) if t is dict else enumerate(node), path)]
     while stack:
-        n, p = stack.pop()
-        t = type(n)
-        if t is dict:
-            stack.extend(reversed([(v, (*p, k)) for k, v in n.items()]))
-        elif t is list or t is tuple:
-            stack.extend(reversed([(v, (*p, i)) for i, v in enumerate(n)]))
+        it, p = stack[-1]
+        for k, v in it:
+            tv = type(v)
+            if tv is dict or tv is list or tv is tuple:
+                stack.append((iter(v.items()) if tv is dict else enumerate(v), (*p, k)))
+                break
+            yield _keypath.join((*p, k)), v
         else:
-            yield _keypath.join(p), n
+            stack.pop()
 
 
 def plain(value: Any) -> Any:

@@ -19,7 +19,7 @@ EXPORTS = [
     "BadMagicError", "Checkpoint", "CheckpointError", "CheckpointKeyError", "CheckpointNotFoundError",
     "ChecksumMismatchError", "CorruptCheckpointError", "FORMAT_MAJOR", "FORMAT_MINOR", "InvalidKeyError",
     "InvalidMetadataError", "LazyArray", "Limits", "MetadataLimitError", "MissingDependencyError",
-    "NotACheckpointFileError", "TensorEntry", "TensorInfo",
+    "NotACheckpointFileError", "ObjectLimitError", "TensorEntry", "TensorInfo",
     "TruncatedCheckpointError", "UnsupportedDTypeError", "UnsupportedObjectError", "UnsupportedVersionError",
     "VerifyReport", "__version__", "convert", "diff", "get_backend", "inspect", "load", "open", "register_backend",
     "save",
