@@ -110,13 +110,11 @@ class TorchBackend:
         return t
 
     def view(self, base: Any, dtype: DType, shape: tuple[int, ...], strides: tuple[int, ...], offset: int) -> Any:
-        """A tensor over ``base``'s storage; torch cannot hold negative or unaligned strides."""
+        """A tensor over ``base``'s storage; a view torch cannot hold (negative or unaligned strides) is a copy."""
         size = dtype.itemsize
         start = base.storage_offset() * base.element_size() + offset
         if start % size or any(s % size or s < 0 for s in strides):
-            raise UnsupportedObjectError(
-                f"a view with byte offset {offset} and strides {strides} cannot be a torch tensor of "
-                f"{dtype.name} (torch needs non-negative strides in whole elements); load it with backend='numpy'")
+            return _materialise(base, dtype, shape, strides, start)
         out = torch.empty(0, dtype=TORCH_DTYPES[dtype.name], device=base.device)
         out.set_(base.untyped_storage(), start // size, shape, tuple(s // size for s in strides))
         return out
@@ -124,6 +122,16 @@ class TorchBackend:
     def read_to_device(self, ckpt: Any, rows: list[int], device: str, *, verify: bool) -> dict[int, Any]:
         """Blobs straight into CUDA tensors through pinned buffers (or cuFile); see ``_cuda.read_rows``."""
         return _cuda.read_rows_torch(ckpt, rows, device, verify=verify)
+
+
+def _materialise(base: Any, dtype: DType, shape: tuple[int, ...], strides: tuple[int, ...], start: int) -> Any:
+    """A fresh tensor holding the elements of a view torch cannot represent (spec §4.7; shares no memory)."""
+    raw = torch.empty(0, dtype=torch.uint8, device=base.device)
+    raw.set_(base.untyped_storage())
+    host = raw.cpu().numpy()
+    elements = np.lib.stride_tricks.as_strided(host[start:], shape=(*shape, dtype.itemsize), strides=(*strides, 1))
+    out = torch.from_numpy(np.ascontiguousarray(elements)).view(TORCH_DTYPES[dtype.name]).reshape(shape)
+    return out if base.device.type == "cpu" else out.to(base.device)
 
 
 BACKEND = TorchBackend()

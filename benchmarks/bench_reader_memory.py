@@ -1,7 +1,8 @@
 """Peak memory of opening hostile metadata (issue 9, issue 11 §1): each case runs in a fresh process.
 
 Usage: ``python benchmarks/bench_reader_memory.py [case ...]``; prints peak RSS growth over the
-baseline of a process that imported ckptfmt, and how the open ended. Cases: ``nested`` (32 MiB of
+baseline of a process that imported ckptfmt, and how the open ended (``TRACED=1`` adds
+tracemalloc's peak, which sees allocations below that baseline, at some cost in time). Cases: ``nested`` (32 MiB of
 metadata under 64 nested tuples), ``empty_arrays`` (10 MB of empty msgpack arrays), ``nones``
 (``ckptfmt inspect`` of 10**7 None leaves).
 """
@@ -17,10 +18,12 @@ import time
 import msgpack
 
 _CHILD = r"""
-import resource, sys, time, io, contextlib
+import resource, sys, time, io, contextlib, tracemalloc
 import ckptfmt
 from ckptfmt import _cli
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+if sys.argv[3] == "traced":
+    tracemalloc.start()
 t = time.perf_counter()
 try:
     if sys.argv[2] == "inspect":
@@ -32,8 +35,10 @@ try:
         outcome = "opened"
 except Exception as e:
     outcome = f"{type(e).__name__}: {str(e)[-90:]}"
+elapsed = time.perf_counter() - t
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base
-print(f"{peak / 1024:.0f} MiB peak growth, {time.perf_counter() - t:.2f} s, {outcome}")
+traced = f", {tracemalloc.get_traced_memory()[1] / 2**20:.0f} MiB traced peak" if tracemalloc.is_tracing() else ""
+print(f"{peak / 1024:.0f} MiB RSS peak growth (over {base / 1024:.0f} MiB){traced}, {elapsed:.2f} s, {outcome}")
 """
 
 
@@ -73,7 +78,8 @@ def main(argv: list[str]) -> None:
             path = os.path.join(d, f"{name}.ckpt")
             make(path)
             start = time.perf_counter()
-            out = subprocess.run([sys.executable, "-c", _CHILD, path, how], capture_output=True, text=True,
+            traced = "traced" if os.environ.get("TRACED") else "rss"
+            out = subprocess.run([sys.executable, "-c", _CHILD, path, how, traced], capture_output=True, text=True,
                                  timeout=600)
             print(f"{name:13} {os.path.getsize(path) / 2**20:6.1f} MiB file: {(out.stdout or out.stderr).strip()}"
                   f" (wall {time.perf_counter() - start:.1f} s)")

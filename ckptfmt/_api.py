@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import datetime as _dt
+import itertools
 import math
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import msgpack
@@ -17,7 +18,7 @@ from ._header import DEFAULT_ALIGNMENT, check_alignment
 from ._keypath import join
 from ._manifest import Limits, ViewRef, check_plain, fit_metadata, tensor_ref
 from ._plan import plan
-from ._reader import Checkpoint, VerifyReport, plain, walk_leaves
+from ._reader import Checkpoint, VerifyReport, count_leaves, plain, walk_leaves
 from ._writer import Writer
 from .errors import (
     CheckpointNotFoundError,
@@ -107,27 +108,36 @@ def _describe(value: Any) -> Any:
     return value
 
 
-def inspect(path: str | os.PathLike[str], *, limits: Limits | None = None) -> dict[str, Any]:
-    """A JSON-ready summary: version, sizes, dtypes, every leaf (tensor info or value) and the metadata."""
+def leaf_summaries(ckpt: Checkpoint) -> Iterator[dict[str, Any]]:
+    """One JSON-ready dict per leaf (tensor info or value), in tree order, made lazily."""
+    tt = ckpt.manifest.tensors
+    for key, leaf in walk_leaves(ckpt.manifest.tree):
+        ref = tensor_ref(leaf)
+        if ref is not None:
+            e = tt.entry(ref[0])
+            yield {"key": key, "kind": "scalar" if ref[1] else "tensor", "dtype": e.dtype,
+                   "shape": list(e.shape), "nbytes": e.nbytes, "offset": e.offset, "row": e.index}
+        elif type(leaf) is ViewRef:
+            info = ckpt.info(key)
+            v = ckpt.manifest.views.entry(leaf.index)
+            yield {"key": key, "kind": "view", "dtype": info.dtype, "shape": list(info.shape),
+                   "nbytes": info.nbytes, "offset": info.offset, "base_row": v.base, "strides": list(v.strides)}
+        else:
+            value = plain(leaf)
+            yield {"key": key, "kind": "value", "type": type(value).__name__, "value": _describe(value)}
+
+
+def inspect(path: str | os.PathLike[str], *, limits: Limits | None = None, max_leaves: int | None = None
+            ) -> dict[str, Any]:
+    """A JSON-ready summary: version, sizes, dtypes, the leaves (tensor info or value) and the metadata.
+
+    ``max_leaves`` bounds the listed leaves (``leaf_count`` still counts them all), so that a tree
+    of millions of leaves costs O(max_leaves) memory.
+    """
     with Checkpoint(path, limits=limits) as ckpt:
         tt = ckpt.manifest.tensors
-        leaves = []
         dtypes: dict[str, int] = {}
-        for key, leaf in walk_leaves(ckpt.manifest.tree):
-            ref = tensor_ref(leaf)
-            if ref is not None:
-                e = tt.entry(ref[0])
-                leaves.append({"key": key, "kind": "scalar" if ref[1] else "tensor", "dtype": e.dtype,
-                               "shape": list(e.shape), "nbytes": e.nbytes, "offset": e.offset, "row": e.index})
-            elif type(leaf) is ViewRef:
-                info = ckpt.info(key)
-                v = ckpt.manifest.views.entry(leaf.index)
-                leaves.append({"key": key, "kind": "view", "dtype": info.dtype, "shape": list(info.shape),
-                               "nbytes": info.nbytes, "offset": info.offset, "base_row": v.base,
-                               "strides": list(v.strides)})
-            else:
-                value = plain(leaf)
-                leaves.append({"key": key, "kind": "value", "type": type(value).__name__, "value": _describe(value)})
+        leaves = list(itertools.islice(leaf_summaries(ckpt), max_leaves))
         for i in range(len(tt)):
             name = tt.dtype_names[int(tt.dtype_code[i])]
             dtypes[name] = dtypes.get(name, 0) + int(tt.nbytes[i])
@@ -143,6 +153,7 @@ def inspect(path: str | os.PathLike[str], *, limits: Limits | None = None) -> di
             "producer": ckpt.producer,
             "created": ckpt.created,
             "metadata": _jsonable(ckpt.metadata),
+            "leaf_count": len(leaves) if max_leaves is None else count_leaves(ckpt.manifest.tree),
             "leaves": leaves,
         }
 

@@ -588,6 +588,30 @@ def walk_leaves(node: Any, path: tuple[str | int, ...] = ()) -> Iterator[tuple[s
             stack.pop()
 
 
+def count_leaves(node: Any) -> int:
+    """How many leaves :func:`walk_leaves` yields, without building key paths."""
+    n = 0
+    stack = [node]
+    while stack:
+        x = stack.pop()
+        t = type(x)
+        if t is not dict and t is not list and t is not tuple:
+            n += 1
+            continue
+        values = x.values() if t is dict else x
+        kinds = set(map(type, values))
+        if not kinds & {dict, list, tuple}:
+            n += len(values)
+            continue
+        for v in values:
+            tv = type(v)
+            if tv is dict or tv is list or tv is tuple:
+                stack.append(v)
+            else:
+                n += 1
+    return n
+
+
 def plain(value: Any) -> Any:
     """A decoded plain leaf as the user saved it."""
     return int(value) if type(value) is PlainInt else value
