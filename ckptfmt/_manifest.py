@@ -537,7 +537,7 @@ class _Decoder:
         unpacker.feed(buf)
         try:
             count = unpacker.read_map_header()
-        except msgpack.exceptions.UnexpectedTypeException:
+        except ValueError:  # msgpack: "Unexpected type"
             raise InvalidMetadataError(self.path, f"'{what}' is not a map") from None
         self._spend()
         out: dict[str, Any] = {}
@@ -753,12 +753,13 @@ def _check_refs(refs: list[int], count: int, path: str | None, what: str = "tens
         raise InvalidMetadataError(path, f"some {what} are not referenced (hidden payload)")
 
 
-def _column(table: dict[str, Any], name: str, dtype: np.dtype, count: int, path: str | None) -> np.ndarray:
+def _column(table: dict[str, Any], name: str, dtype: np.dtype, count: int, path: str | None,
+            what: str = "tensor table") -> np.ndarray:
     raw = table.get(name)
     if not isinstance(raw, bytes):
-        raise InvalidMetadataError(path, f"tensor table column {name!r} is missing or not binary")
+        raise InvalidMetadataError(path, f"{what} column {name!r} is missing or not binary")
     if len(raw) != count * dtype.itemsize:
-        raise InvalidMetadataError(path, f"tensor table column {name!r} has {len(raw)} bytes, "
+        raise InvalidMetadataError(path, f"{what} column {name!r} has {len(raw)} bytes, "
                                          f"expected {count * dtype.itemsize}")
     return np.frombuffer(raw, dtype=dtype)
 
@@ -777,8 +778,8 @@ def _typed_columns(table: Any, what: str, rows: str, *, path: str | None, minor:
     if count > limits.max_tensors:
         raise MetadataLimitError(path, f"{count} {rows}, over the cap of {limits.max_tensors}")
     names = _dtype_names(table, what, path, minor)
-    code = _column(table, "dtype", _U8, count, path)
-    ndim = _column(table, "ndim", _U8, count, path)
+    code = _column(table, "dtype", _U8, count, path, what)
+    ndim = _column(table, "ndim", _U8, count, path, what)
     if count and int(code.max()) >= len(names):
         raise InvalidMetadataError(path, f"{what}: dtype code {int(code.max())} has no entry in 'dtypes'")
     if count and int(ndim.max()) > limits.max_ndim:
@@ -802,9 +803,10 @@ def _parse_views(table: Any, tensors: TensorTable, *, path: str | None, minor: i
     """Decode and check the view table (§4.7)."""
     count, names, code, ndim, total = _typed_columns(table, "view table", "views", path=path, minor=minor,
                                                      limits=limits)
-    vt = ViewTable(names, code, ndim, _column(table, "shape", _U64, total, path),
-                   _column(table, "strides", _I64, total, path), _column(table, "base", _U64, count, path),
-                   _column(table, "offset", _U64, count, path))
+    w = "view table"
+    vt = ViewTable(names, code, ndim, _column(table, "shape", _U64, total, path, w),
+                   _column(table, "strides", _I64, total, path, w), _column(table, "base", _U64, count, path, w),
+                   _column(table, "offset", _U64, count, path, w))
     if not count:
         return vt
     if int(vt.base.max()) >= len(tensors):

@@ -258,7 +258,8 @@ class Checkpoint:
             elif type(node) in (list, tuple) and _is_decimal(el) and 0 <= int(el) < len(node):
                 node = node[int(el)]
                 continue
-            raise CheckpointKeyError(f"{self.path}: no key {key!r} in the checkpoint (element {el!r} not found)")
+            raise CheckpointKeyError(f"{self.path}: no key {_short(key)} in the checkpoint (element {_short(el)} "
+                                     "not found)")
         return node
 
     def _key_of(self, row: int) -> str:
@@ -559,6 +560,12 @@ class _Converter:
                                          device=self._device)
             self._made[(row, scalar)] = hit
         return hit
+
+
+def _short(text: str, limit: int = 80) -> str:
+    """``repr(text)``, cut in the middle when long (a hostile key path can be megabytes)."""
+    r = repr(text)
+    return r if len(r) <= limit else f"{r[: limit // 2]}...{r[-limit // 2 :]} ({len(text)} chars)"
 
 
 def _is_decimal(el: str) -> bool:
