@@ -56,9 +56,9 @@ def save(path: str | os.PathLike[str], obj: Any, *, metadata: dict[str, Any] | N
         raise UnsupportedObjectError(f"metadata must be a dict, not {type(user).__name__}")
     containers = check_plain(user)
     created = _created()
-    tree = fit_metadata(what.tree, shapes=[tuple(src.shape) for src, _ in what.rows], views=what.views, user=user,
-                        producer=PRODUCER, created=created, containers=what.containers + containers,
-                        limits=limits or Limits())
+    tree = fit_metadata(what.tree, shapes=[tuple(src.shape) for src, _ in what.rows],
+                        dtypes={dt.name for _, dt in what.rows}, views=what.views, user=user, producer=PRODUCER,
+                        created=created, containers=what.containers + containers, limits=limits or Limits())
     with atomic_write(os.fspath(path), durable=durable) as fd:
         writer = Writer(fd, alignment=align, checksum=checksum)
         try:

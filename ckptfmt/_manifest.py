@@ -388,8 +388,9 @@ def pack_metadata(tree: Any, tensors: TensorTable, producer: dict[str, Any], cre
     return b"".join(out)
 
 
-def fit_metadata(tree: Any, *, shapes: list[tuple[int, ...]], views: ViewTable | None, user: dict[str, Any],
-                 producer: dict[str, Any], created: str, containers: int, limits: Limits) -> PackedTree:
+def fit_metadata(tree: Any, *, shapes: list[tuple[int, ...]], dtypes: set[str], views: ViewTable | None,
+                 user: dict[str, Any], producer: dict[str, Any], created: str, containers: int,
+                 limits: Limits) -> PackedTree:
     """Serialise the tree, and refuse (before any byte is written) metadata a reader with ``limits`` refuses.
 
     What ``save`` writes, ``load`` reads: the metadata length, tensor count and container count are
@@ -400,7 +401,8 @@ def fit_metadata(tree: Any, *, shapes: list[tuple[int, ...]], views: ViewTable |
     nv = len(views) if views is not None else 0
     vdims = int(views.ndim.sum(dtype=np.int64)) if views is not None and nv else 0
     rest = msgpack.packb({"producer": producer, "created": created, "user": user}, use_bin_type=True)
-    size = len(packed) + len(rest) + 34 * n + 8 * dims + 26 * nv + 16 * vdims + 2 * 255 * 16 + 512
+    names = sum(len(d) + 2 for d in dtypes) + (sum(len(d) + 2 for d in views.dtype_names) if views is not None else 0)
+    size = len(packed) + len(rest) + 34 * n + 8 * dims + 26 * nv + 16 * vdims + names + 512
     how = ("store large values as arrays (e.g. numpy.frombuffer(b, numpy.uint8)), or pass "
            "limits=ckptfmt.Limits(...) raising that cap to save and to every open/load of the file")
     if n > limits.max_tensors or nv > limits.max_tensors:
