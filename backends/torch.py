@@ -71,7 +71,10 @@ class TorchBackend:
         dtype = _canonical(t)
         if t.device.type == "cpu":
             raw = _RAW.get(t.dtype)
-            return (t.view(raw) if raw is not None else t).numpy(), dtype, False
+            try:
+                return (t.view(raw) if raw is not None else t).numpy(), dtype, False
+            except ValueError as e:  # numpy refuses e.g. an empty (0, 2**62) float32 tensor (spec §4.3)
+                raise UnsupportedObjectError(f"a tensor of shape {tuple(t.shape)} cannot be saved: {e}") from None
         return _cuda.TorchDeviceSource(t), dtype, False
 
     def alias_key(self, obj: Any) -> Hashable | None:

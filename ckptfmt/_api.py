@@ -58,7 +58,8 @@ def save(path: str | os.PathLike[str], obj: Any, *, metadata: dict[str, Any] | N
     created = _created()
     tree = fit_metadata(what.tree, shapes=[tuple(src.shape) for src, _ in what.rows],
                         dtypes={dt.name for _, dt in what.rows}, views=what.views, user=user, producer=PRODUCER,
-                        created=created, containers=what.containers + containers, limits=limits or Limits())
+                        created=created, containers=what.containers + containers, limits=limits or Limits(),
+                        itemsizes=[dt.itemsize for _, dt in what.rows])
     with atomic_write(os.fspath(path), durable=durable) as fd:
         writer = Writer(fd, alignment=align, checksum=checksum)
         try:

@@ -390,12 +390,16 @@ def pack_metadata(tree: Any, tensors: TensorTable, producer: dict[str, Any], cre
 
 def fit_metadata(tree: Any, *, shapes: list[tuple[int, ...]], dtypes: set[str], views: ViewTable | None,
                  user: dict[str, Any], producer: dict[str, Any], created: str, containers: int,
-                 limits: Limits) -> PackedTree:
+                 limits: Limits, itemsizes: list[int] | None = None) -> PackedTree:
     """Serialise the tree, and refuse (before any byte is written) metadata a reader with ``limits`` refuses.
 
     What ``save`` writes, ``load`` reads: the metadata length, tensor count and container count are
     checked against the caps of §8.1 (an upper bound on the length: the table is not built yet).
     """
+    for i, shape in enumerate(shapes):  # only an empty array can claim more than memory holds
+        if 0 in shape and itemsizes is not None and _nonzero_bytes(shape, itemsizes[i]) >= 1 << 63:
+            raise UnsupportedObjectError(f"an empty array of shape {shape}: its non-zero dimensions make 2**63 "
+                                         "bytes or more, which no reader can represent (spec §4.3)")
     packed = PackedTree(msgpack.packb(tree, use_bin_type=True))
     n, dims = len(shapes), sum(map(len, shapes))
     nv = len(views) if views is not None else 0

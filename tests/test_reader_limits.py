@@ -250,6 +250,15 @@ def test_user_metadata_nesting_matches_the_reader(tmp_ckpt: Path) -> None:
         ckptfmt.save(tmp_ckpt, {"w": np.ones(1)}, metadata={"k": deep})
 
 
+def test_save_refuses_an_empty_array_no_reader_can_represent(tmp_path: Path) -> None:
+    torch = pytest.importorskip("torch")
+    with pytest.raises(ckptfmt.UnsupportedObjectError, match=r"'e'.*shape"):
+        ckptfmt.save(tmp_path / "e.ckpt", {"e": torch.empty(0, 2**62)})
+    assert not (tmp_path / "e.ckpt").exists()
+    ckptfmt.save(tmp_path / "ok.ckpt", {"e": torch.empty(0, 2**60)})
+    assert ckptfmt.load(tmp_path / "ok.ckpt")["e"].shape == (0, 2**60)
+
+
 def test_the_default_caps_are_consistent() -> None:
     limits = ckptfmt.Limits()
     assert limits.max_tensors * 27 < limits.max_metadata_bytes  # the tensor cap can trigger on its own
