@@ -85,7 +85,10 @@ class TorchBackend:
         dtype = _canonical(t)
         if t.device.type == "cpu":
             raw = _RAW.get(t.dtype)
-            return (t.view(raw) if raw is not None else t).numpy(), dtype, False
+            try:
+                return (t.view(raw) if raw is not None else t).numpy(), dtype, False
+            except ValueError as e:  # numpy refuses e.g. an empty (0, 2**62) float32 tensor (spec §4.3)
+                raise UnsupportedObjectError(f"a tensor of shape {tuple(t.shape)} cannot be saved: {e}") from None
         return _cuda.TorchDeviceSource(t), dtype, False
 
     def alias_key(self, obj: Any) -> Hashable | None:
@@ -124,13 +127,11 @@ class TorchBackend:
         return t
 
     def view(self, base: Any, dtype: DType, shape: tuple[int, ...], strides: tuple[int, ...], offset: int) -> Any:
-        """A tensor over ``base``'s storage; torch cannot hold negative or unaligned strides."""
+        """A tensor over ``base``'s storage; a view torch cannot hold (negative or unaligned strides) is a copy."""
         size = dtype.itemsize
         start = base.storage_offset() * base.element_size() + offset
         if start % size or any(s % size or s < 0 for s in strides):
-            raise UnsupportedObjectError(
-                f"a view with byte offset {offset} and strides {strides} cannot be a torch tensor of "
-                f"{dtype.name} (torch needs non-negative strides in whole elements); load it with backend='numpy'")
+            return _materialise(base, dtype, shape, strides, start)
         out = torch.empty(0, dtype=TORCH_DTYPES[dtype.name], device=base.device)
         out.set_(base.untyped_storage(), start // size, shape, tuple(s // size for s in strides))
         return out
@@ -151,6 +152,16 @@ class TorchBackend:
         if device is None or is_host(device) or torch.device(device).type != "cuda":
             return None
         return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True).numpy()
+
+
+def _materialise(base: Any, dtype: DType, shape: tuple[int, ...], strides: tuple[int, ...], start: int) -> Any:
+    """A fresh tensor holding the elements of a view torch cannot represent (spec §4.7; shares no memory)."""
+    raw = torch.empty(0, dtype=torch.uint8, device=base.device)
+    raw.set_(base.untyped_storage())
+    host = raw.cpu().numpy()
+    elements = np.lib.stride_tricks.as_strided(host[start:], shape=(*shape, dtype.itemsize), strides=(*strides, 1))
+    out = torch.from_numpy(np.ascontiguousarray(elements)).view(TORCH_DTYPES[dtype.name]).reshape(shape)
+    return out if base.device.type == "cpu" else out.to(base.device)
 
 
 BACKEND = TorchBackend()

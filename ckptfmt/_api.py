@@ -5,10 +5,11 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import io
+import itertools
 import math
 import os
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import msgpack
@@ -18,12 +19,12 @@ from ._backend import ArrayBackend, Source
 from ._dtypes import DType
 from ._header import DEFAULT_ALIGNMENT, check_alignment
 from ._keypath import join
-from ._manifest import Limits, ViewRef, check_plain, tensor_ref
+from ._manifest import Limits, PackedTree, ViewRef, check_plain, fit_metadata, tensor_ref
 from ._plan import Plan, plan
 from ._reader import Checkpoint, VerifyReport
 from ._staging import SaveHandle, Stager, StagingPool, _Cancelled, _Feed, staged_rows
 from ._stream import is_path, name_of, open_bytes, open_stream, output
-from ._tree import plain, walk_leaves, walk_nodes
+from ._tree import count_leaves, plain, walk_leaves, walk_nodes
 from ._types import TYPES_KEY, encode_types
 from ._writer import Writer
 from .errors import (
@@ -48,8 +49,13 @@ def _created() -> str:
 Target = Any
 
 
-def _prepare(obj: Any, metadata: dict[str, Any] | None, alignment: int | None) -> tuple[int, Plan, dict[str, Any]]:
-    """Alignment, save plan and user metadata (with the type side table, spec §4.8), all checked."""
+def _prepare(obj: Any, metadata: dict[str, Any] | None, alignment: int | None, limits: Limits | None,
+             created: str) -> tuple[int, Plan, dict[str, Any], PackedTree]:
+    """Alignment, save plan, user metadata (with the type side table, spec §4.8) and the packed tree.
+
+    A file that a reader with ``limits`` (default :class:`Limits`) would refuse is refused here, before
+    any byte is written (:class:`ObjectLimitError`): what ``save`` writes, ``load`` reads.
+    """
     align = check_alignment(DEFAULT_ALIGNMENT if alignment is None else alignment)
     obj, types = encode_types(obj)
     what = plan(obj)
@@ -58,15 +64,19 @@ def _prepare(obj: Any, metadata: dict[str, Any] | None, alignment: int | None) -
         raise UnsupportedObjectError(f"metadata must be a dict, not {type(user).__name__}")
     if TYPES_KEY in user:
         raise UnsupportedObjectError(f"metadata key {TYPES_KEY!r} is reserved (it records saved types, spec §4.8)")
-    check_plain(user)
+    containers = check_plain(user)
     if types:
         user = {**user, TYPES_KEY: types}
-        check_plain(types, what="a state dict's _metadata")
-    return align, what, user
+        containers += check_plain(types, what="a state dict's _metadata")
+    tree = fit_metadata(what.tree, shapes=[tuple(src.shape) for src, _ in what.rows],
+                        dtypes={dt.name for _, dt in what.rows}, views=what.views, user=user, producer=PRODUCER,
+                        created=created, containers=what.containers + containers, limits=limits or Limits(),
+                        itemsizes=[dt.itemsize for _, dt in what.rows])
+    return align, what, user, tree
 
 
-def _write(target: Target, rows: list[tuple[Source, DType]], what: Plan, *, align: int, checksum: bool,
-           durable: bool, created: str, user: dict[str, Any]) -> None:
+def _write(target: Target, rows: list[tuple[Source, DType]], what: Plan, *, tree: PackedTree, align: int,
+           checksum: bool, durable: bool, created: str, user: dict[str, Any]) -> None:
     with output(target, durable=durable) as sink:
         writer = Writer(sink, alignment=align, checksum=checksum)
         try:
@@ -74,30 +84,33 @@ def _write(target: Target, rows: list[tuple[Source, DType]], what: Plan, *, alig
         except BaseException:
             writer.close()
             raise
-        writer.finish(what.tree, producer=PRODUCER, created=created, user=user, views=what.views)
+        writer.finish(tree, producer=PRODUCER, created=created, user=user, views=what.views)
 
 
 def save(path: Target, obj: Any, *, metadata: dict[str, Any] | None = None, alignment: int | None = None,
          checksum: bool = True, durable: bool = True, background: bool = False,
-         staging: StagingPool | None = None) -> SaveHandle | None:
+         staging: StagingPool | None = None, limits: Limits | None = None) -> SaveHandle | None:
     """Write ``obj`` (nested dicts/lists/tuples of arrays and plain values) to ``path``, atomically.
 
     The previous file at ``path`` is replaced only once the new one is complete (and, with
     ``durable``, fsynced with its directory); on any failure it is left as it was. ``metadata`` is
     a dict of plain values (str, int, float, bool, bytes, None, lists and dicts of them).
     ``path`` may be a binary file object or a socket: the file is streamed to it, front to back.
+    A file that a reader with ``limits`` (default :class:`Limits`) would refuse is refused before
+    any byte is written (:class:`ObjectLimitError`).
 
     ``background=True`` copies every tensor into ``staging`` (a :class:`StagingPool`, by default a
     shared 1 GiB one), returns a :class:`SaveHandle` once the copy is done (so the arrays may change
     right away), and writes the file on a thread; errors surface at ``handle.wait()``, or at the next
     background save through the same pool if nobody waited.
     """
-    align, what, user = _prepare(obj, metadata, alignment)
     created = _created()
+    align, what, user, tree = _prepare(obj, metadata, alignment, limits, created)
     if not background:
-        _write(path, what.rows, what, align=align, checksum=checksum, durable=durable, created=created, user=user)
+        _write(path, what.rows, what, tree=tree, align=align, checksum=checksum, durable=durable, created=created,
+               user=user)
         return None
-    return _save_background(path, what, staging or _default_pool(), align=align, checksum=checksum,
+    return _save_background(path, what, staging or _default_pool(), tree=tree, align=align, checksum=checksum,
                             durable=durable, created=created, user=user)
 
 
@@ -230,27 +243,36 @@ def _describe(value: Any) -> Any:
     return value
 
 
-def inspect(path: str | os.PathLike[str], *, limits: Limits | None = None) -> dict[str, Any]:
-    """A JSON-ready summary: version, sizes, dtypes, every leaf (tensor info or value) and the metadata."""
+def leaf_summaries(ckpt: Checkpoint) -> Iterator[dict[str, Any]]:
+    """One JSON-ready dict per leaf (tensor info or value), in tree order, made lazily."""
+    tt = ckpt.manifest.tensors
+    for key, leaf in walk_leaves(ckpt.manifest.tree):
+        ref = tensor_ref(leaf)
+        if ref is not None:
+            e = tt.entry(ref[0])
+            yield {"key": key, "kind": "scalar" if ref[1] else "tensor", "dtype": e.dtype,
+                   "shape": list(e.shape), "nbytes": e.nbytes, "offset": e.offset, "row": e.index}
+        elif type(leaf) is ViewRef:
+            info = ckpt.info(key)
+            v = ckpt.manifest.views.entry(leaf.index)
+            yield {"key": key, "kind": "view", "dtype": info.dtype, "shape": list(info.shape),
+                   "nbytes": info.nbytes, "offset": info.offset, "base_row": v.base, "strides": list(v.strides)}
+        else:
+            value = plain(leaf)
+            yield {"key": key, "kind": "value", "type": type(value).__name__, "value": _describe(value)}
+
+
+def inspect(path: str | os.PathLike[str], *, limits: Limits | None = None, max_leaves: int | None = None
+            ) -> dict[str, Any]:
+    """A JSON-ready summary: version, sizes, dtypes, the leaves (tensor info or value) and the metadata.
+
+    ``max_leaves`` bounds the listed leaves (``leaf_count`` still counts them all), so that a tree
+    of millions of leaves costs O(max_leaves) memory.
+    """
     with Checkpoint(path, limits=limits) as ckpt:
         tt = ckpt.manifest.tensors
-        leaves = []
         dtypes: dict[str, int] = {}
-        for key, leaf in walk_leaves(ckpt.manifest.tree):
-            ref = tensor_ref(leaf)
-            if ref is not None:
-                e = tt.entry(ref[0])
-                leaves.append({"key": key, "kind": "scalar" if ref[1] else "tensor", "dtype": e.dtype,
-                               "shape": list(e.shape), "nbytes": e.nbytes, "offset": e.offset, "row": e.index})
-            elif type(leaf) is ViewRef:
-                info = ckpt.info(key)
-                v = ckpt.manifest.views.entry(leaf.index)
-                leaves.append({"key": key, "kind": "view", "dtype": info.dtype, "shape": list(info.shape),
-                               "nbytes": info.nbytes, "offset": info.offset, "base_row": v.base,
-                               "strides": list(v.strides)})
-            else:
-                value = plain(leaf)
-                leaves.append({"key": key, "kind": "value", "type": type(value).__name__, "value": _describe(value)})
+        leaves = list(itertools.islice(leaf_summaries(ckpt), max_leaves))
         for i in range(len(tt)):
             name = tt.dtype_names[int(tt.dtype_code[i])]
             dtypes[name] = dtypes.get(name, 0) + int(tt.nbytes[i])
@@ -266,6 +288,7 @@ def inspect(path: str | os.PathLike[str], *, limits: Limits | None = None) -> di
             "producer": ckpt.producer,
             "created": ckpt.created,
             "metadata": _jsonable(ckpt.metadata),
+            "leaf_count": len(leaves) if max_leaves is None else count_leaves(ckpt.manifest.tree),
             "leaves": leaves,
         }
 

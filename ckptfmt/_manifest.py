@@ -18,7 +18,14 @@ from ._checksum import EMPTY_CHECKSUM
 from ._dtypes import DTYPES
 from ._header import HEADER_SIZE
 from ._versions import FORMAT_MINOR
-from .errors import CheckpointError, InvalidKeyError, InvalidMetadataError, MetadataLimitError, UnsupportedObjectError
+from .errors import (
+    CheckpointError,
+    InvalidKeyError,
+    InvalidMetadataError,
+    MetadataLimitError,
+    ObjectLimitError,
+    UnsupportedObjectError,
+)
 
 EXT_TENSOR = 1
 EXT_TUPLE = 2
@@ -37,8 +44,13 @@ class Limits:
 
     max_metadata_bytes: int = 256 << 20
     max_depth: int = 64
-    max_tensors: int = 1 << 24
+    #: below what the metadata cap allows (a row costs at least 27 bytes), so that this cap can trigger
+    max_tensors: int = 1 << 23
     max_ndim: int = 64
+    #: at most one decoded container (list, map, tuple) per this many metadata bytes, plus 4096 (0: no cap)
+    bytes_per_container: int = 4
+    #: a view may span at most this many times its base's bytes (stride 0 repeats elements)
+    max_view_expansion: int = 1 << 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -251,6 +263,8 @@ class TreeEncoder:
     def __init__(self, add_array: Callable[[Any], Any], *, max_depth: int = Limits.max_depth) -> None:
         self._add_array = add_array
         self._max_depth = max_depth
+        #: lists, tuples and dicts encoded: a reader caps their number (§8.1)
+        self.containers = 0
 
     def encode(self, obj: Any) -> Any:
         """Encode ``obj``; raises :class:`UnsupportedObjectError` naming the key path of a bad value."""
@@ -271,7 +285,7 @@ class TreeEncoder:
         if enc is not None:
             return enc
         if depth >= self._max_depth and isinstance(obj, (dict, list, tuple)):
-            raise EncodeError(lambda w: UnsupportedObjectError(f"{w}: nesting deeper than {self._max_depth}"))
+            raise EncodeError(lambda w: ObjectLimitError(f"{w}: nesting deeper than {self._max_depth}"))
         if isinstance(obj, dict):
             return self._encode_dict(obj, depth)
         if isinstance(obj, list):
@@ -286,7 +300,8 @@ class TreeEncoder:
 
     def _encode_seq(self, obj: list[Any] | tuple[Any, ...], depth: int) -> list[Any]:
         if depth >= self._max_depth:
-            raise EncodeError(lambda w: UnsupportedObjectError(f"{w}: nesting deeper than {self._max_depth}"))
+            raise EncodeError(lambda w: ObjectLimitError(f"{w}: nesting deeper than {self._max_depth}"))
+        self.containers += 1
         out = []
         for i, v in enumerate(obj):
             try:
@@ -298,13 +313,14 @@ class TreeEncoder:
 
     def _encode_dict(self, obj: dict[Any, Any], depth: int) -> msgpack.ExtType:
         if depth >= self._max_depth:
-            raise EncodeError(lambda w: UnsupportedObjectError(f"{w}: nesting deeper than {self._max_depth}"))
+            raise EncodeError(lambda w: ObjectLimitError(f"{w}: nesting deeper than {self._max_depth}"))
+        self.containers += 1
         out: dict[Any, Any] = {}
         has_int = False
         add, enc, d1 = self._add_array, self._encode, depth + 1
         for k, v in obj.items():
             if type(k) is not str:
-                if type(k) is int and -(1 << 63) <= k < (1 << 63):
+                if type(k) is int and -(1 << 63) <= k < (1 << 64):
                     has_int = True
                 else:
                     raise EncodeError(_bad_key(k))
@@ -334,6 +350,9 @@ def _encode_int(value: int) -> msgpack.ExtType:
 
 
 def _bad_key(key: object) -> Callable[[str], CheckpointError]:
+    if type(key) is int:
+        return lambda where: UnsupportedObjectError(f"{where}: int dict key {key} does not fit in 64 bits "
+                                                    "(int keys are in [-2**63, 2**64))")
     return lambda where: UnsupportedObjectError(
         f"{where}: dict key {key!r} is a {type(key).__name__}; keys must be str or int")
 
@@ -351,32 +370,74 @@ def _where(path: tuple[str | int, ...]) -> str:
     return f"at key path {join(path)!r}" if path else "at the top level"
 
 
+class PackedTree(bytes):
+    """The tree already serialised by :func:`fit_metadata`, spliced verbatim by :func:`pack_metadata`."""
+
+
 def pack_metadata(tree: Any, tensors: TensorTable, producer: dict[str, Any], created: str,
                   user: dict[str, Any], views: ViewTable | None = None) -> bytes:
     """Serialise the metadata map (§4.1); the view table only when there are views."""
     meta = {"tree": tree, "tensors": tensors.pack(), "producer": producer, "created": created, "user": user}
     if views is not None and len(views):
         meta["views"] = views.pack()
-    return msgpack.packb(meta, use_bin_type=True)
+    if type(tree) is not PackedTree:
+        return msgpack.packb(meta, use_bin_type=True)
+    out = [bytes([0x80 | len(meta)]), msgpack.packb("tree"), tree]
+    for key, value in list(meta.items())[1:]:
+        out += (msgpack.packb(key), msgpack.packb(value, use_bin_type=True))
+    return b"".join(out)
 
 
-class _TooDeep(UnsupportedObjectError):
-    """check_plain's depth error, told apart so that a reader can report a cap (§8.1)."""
+def fit_metadata(tree: Any, *, shapes: list[tuple[int, ...]], dtypes: set[str], views: ViewTable | None,
+                 user: dict[str, Any], producer: dict[str, Any], created: str, containers: int,
+                 limits: Limits, itemsizes: list[int] | None = None) -> PackedTree:
+    """Serialise the tree, and refuse (before any byte is written) metadata a reader with ``limits`` refuses.
+
+    What ``save`` writes, ``load`` reads: the metadata length, tensor count and container count are
+    checked against the caps of §8.1 (an upper bound on the length: the table is not built yet).
+    """
+    for i, shape in enumerate(shapes):  # only an empty array can claim more than memory holds
+        if 0 in shape and itemsizes is not None and _nonzero_bytes(shape, itemsizes[i]) >= 1 << 63:
+            raise UnsupportedObjectError(f"an empty array of shape {shape}: its non-zero dimensions make 2**63 "
+                                         "bytes or more, which no reader can represent (spec §4.3)")
+    packed = PackedTree(msgpack.packb(tree, use_bin_type=True))
+    n, dims = len(shapes), sum(map(len, shapes))
+    nv = len(views) if views is not None else 0
+    vdims = int(views.ndim.sum(dtype=np.int64)) if views is not None and nv else 0
+    rest = msgpack.packb({"producer": producer, "created": created, "user": user}, use_bin_type=True)
+    names = sum(len(d) + 2 for d in dtypes) + (sum(len(d) + 2 for d in views.dtype_names) if views is not None else 0)
+    size = len(packed) + len(rest) + 34 * n + 8 * dims + 26 * nv + 16 * vdims + names + 512
+    how = ("store large values as arrays (e.g. numpy.frombuffer(b, numpy.uint8)), or pass "
+           "limits=ckptfmt.Limits(...) raising that cap to save and to every open/load of the file")
+    if n > limits.max_tensors or nv > limits.max_tensors:
+        raise ObjectLimitError(f"{max(n, nv)} tensors, over the reader's cap of {limits.max_tensors} "
+                               f"(Limits.max_tensors): {how}")
+    if size > limits.max_metadata_bytes:
+        raise ObjectLimitError(f"the metadata would be about {size} bytes, over the reader's cap of "
+                               f"{limits.max_metadata_bytes} (Limits.max_metadata_bytes): {how}")
+    if containers + 8 > container_budget(len(packed) + len(rest), limits):
+        raise ObjectLimitError(f"{containers} lists, tuples and dicts in {len(packed) + len(rest)} bytes of metadata, "
+                               f"over the reader's cap of one per {limits.bytes_per_container} bytes "
+                               f"(Limits.bytes_per_container): {how}")
+    return packed
 
 
 def check_plain(value: Any, *, max_depth: int = Limits.max_depth, what: str = "user metadata",
-                tuples: bool = True) -> None:
-    """Raise :class:`UnsupportedObjectError` unless ``value`` is plain msgpack data (§4.6).
+                tuples: bool = True) -> int:
+    """Raise :class:`UnsupportedObjectError` unless ``value`` is plain msgpack data (§4.6); count containers.
 
-    Writers may pass tuples (msgpack stores them as arrays); a decoded file must hold none.
+    Writers may pass tuples (msgpack stores them as arrays); a decoded file must hold none. Nesting
+    deeper than ``max_depth`` containers (the root is level 1) raises :class:`ObjectLimitError`.
     """
     stack = [(value, 0)]
+    containers = 0
     while stack:
         v, d = stack.pop()
         t = type(v)
-        if d > max_depth:
-            raise _TooDeep(f"{what} nests deeper than {max_depth}")
         if t is dict:
+            if d >= max_depth:
+                raise ObjectLimitError(f"{what} nests deeper than {max_depth}")
+            containers += 1
             if not set(map(type, v)) <= _KEYS:
                 raise UnsupportedObjectError(f"{what}: map keys must be str or int")
             for k in v:
@@ -384,6 +445,9 @@ def check_plain(value: Any, *, max_depth: int = Limits.max_depth, what: str = "u
                     raise UnsupportedObjectError(f"{what}: int key {k} does not fit in 64 bits")
             stack.extend((x, d + 1) for x in v.values())
         elif t is list or (t is tuple and tuples):
+            if d >= max_depth:
+                raise ObjectLimitError(f"{what} nests deeper than {max_depth}")
+            containers += 1
             stack.extend((x, d + 1) for x in v)
         elif t is int:
             if not -(1 << 63) <= v < (1 << 64):
@@ -391,89 +455,240 @@ def check_plain(value: Any, *, max_depth: int = Limits.max_depth, what: str = "u
         elif not (t is str or t is bytes or t is float or t is bool or v is None):
             raise UnsupportedObjectError(f"{what} holds a {t.__name__}; only dict, list, str, bytes, int, float, "
                                          "bool and None are allowed")
+    return containers
 
 
 # ------------------------------------------------------------------ reading
 
 
-def parse_manifest(data: bytes, *, path: str | None, minor: int, alignment: int, metadata_offset: int,
-                   limits: Limits) -> Manifest:
-    """Decode and validate the metadata bytes (§4, §8). Every failure is an :class:`InvalidMetadataError`."""
-    if len(data) > limits.max_metadata_bytes:
-        raise MetadataLimitError(path, f"metadata is {len(data)} bytes, over the cap of "
-                                       f"{limits.max_metadata_bytes} (raise Limits.max_metadata_bytes to read it)")
-    depth = [0]
+class _Deferred:
+    """A tuple (ext 2) or dict (ext 5) whose payload is decoded later, by :func:`_TreeDecoder._expand`.
 
-    def ext_hook(code: int, payload: bytes) -> Any:
+    Decoding a nested ext payload inside its parent's decode would keep every ancestor's payload
+    copy alive at once (depth x L bytes); deferred, the live payloads are disjoint pieces of the
+    metadata, so decoding costs a small multiple of L at any depth (§8.1).
+    """
+
+    __slots__ = ("code", "payload")
+
+    def __init__(self, code: int, payload: bytes | None) -> None:
+        self.code = code
+        self.payload = payload
+
+
+_CONTAINERS = frozenset((dict, list, tuple))
+_LEAVES = frozenset((str, bytes, bool, int, PlainInt, float, type(None), TensorRef, ViewRef))
+_TREE_TYPES = _LEAVES | {list, _Deferred}
+_KEYS = frozenset((str, int))
+_KNOWN_SECTIONS = frozenset(("tree", "tensors", "producer", "created", "user", "views"))
+#: Columns of the tensor and view tables a 1.0 reader knows; any other key is skipped undecoded (§4.3).
+TENSOR_COLUMNS = frozenset(("count", "dtypes", "dtype", "ndim", "shape", "offset", "nbytes", "checksum"))
+VIEW_COLUMNS = frozenset(("count", "dtypes", "dtype", "ndim", "shape", "strides", "base", "offset"))
+
+
+def container_budget(metadata_length: int, limits: Limits) -> int:
+    """How many containers (lists, maps, tuples) metadata of this length may decode to (§8.1)."""
+    if limits.bytes_per_container <= 0:
+        return 1 << 62
+    return metadata_length // limits.bytes_per_container + 4096
+
+
+class _Decoder:
+    """Decodes the sections of one metadata map, counting containers against the budget of §8.1."""
+
+    def __init__(self, path: str | None, limits: Limits, budget: int) -> None:
+        self.path = path
+        self.limits = limits
+        self.left = budget
+        self.refs: list[int] = []
+        self.scalars: list[int] = []
+        self.view_refs: list[int] = []
+
+    # -- counting: every msgpack array and map decoded passes through one of these hooks
+    def _spend(self, n: int = 1) -> None:
+        self.left -= n
+        if self.left < 0:
+            raise MetadataLimitError(self.path, "metadata decodes to more containers (lists, maps, tuples) than "
+                                                f"its length allows (one per {self.limits.bytes_per_container} bytes; "
+                                                "lower Limits.bytes_per_container, or 0 for no cap)")
+
+    def _list(self, items: list[Any]) -> list[Any]:
+        self._spend()
+        return items
+
+    def _pairs(self, pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
+        self._spend()
+        d = dict(pairs)
+        if len(d) != len(pairs):
+            raise InvalidMetadataError(self.path, "a map has duplicate keys")
+        return d
+
+    def _no_maps(self, pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
+        raise InvalidMetadataError(self.path, "a msgpack map in the tree (maps in the tree are ext 5)")
+
+    def _no_ext(self, code: int, payload: bytes) -> Any:
+        raise InvalidMetadataError(self.path, f"msgpack ext type {code} outside the tree (only the tree and unknown "
+                                              "entries may hold ext types)")
+
+    def plain(self, buf: Any) -> Any:
+        """A section of plain msgpack data (``user``, ``producer``, ``created``, table values)."""
+        return msgpack.unpackb(buf, raw=False, strict_map_key=False, ext_hook=self._no_ext,
+                               object_pairs_hook=self._pairs, list_hook=self._list)
+
+    def columns(self, buf: Any, known: frozenset[str], what: str) -> dict[str, Any]:
+        """The tensor or view map: known columns decoded, unknown entries (any msgpack value) skipped (§4.3)."""
+        unpacker = msgpack.Unpacker(raw=False, strict_map_key=False, ext_hook=self._no_ext,
+                                    object_pairs_hook=self._pairs, list_hook=self._list,
+                                    max_buffer_size=max(len(buf), 1))
+        unpacker.feed(buf)
+        try:
+            count = unpacker.read_map_header()
+        except ValueError:  # msgpack: "Unexpected type"
+            raise InvalidMetadataError(self.path, f"'{what}' is not a map") from None
+        self._spend()
+        out: dict[str, Any] = {}
+        for _ in range(count):
+            key = unpacker.unpack()
+            if type(key) is not str:
+                raise InvalidMetadataError(self.path, f"'{what}' has a key {key!r} that is not a str")
+            if key not in known:
+                unpacker.skip()
+                continue
+            if key in out:
+                raise InvalidMetadataError(self.path, f"'{what}' has two {key!r} entries")
+            out[key] = unpacker.unpack()
+        return out
+
+    # -- the tree (§4.2)
+    def _ext(self, code: int, payload: bytes) -> Any:
         if code == EXT_INT:
             value = msgpack.unpackb(payload)
             if type(value) is not int:
-                raise InvalidMetadataError(path, "ext 4 (int) payload is not a msgpack integer")
+                raise InvalidMetadataError(self.path, "ext 4 (int) payload is not a msgpack integer")
             return PlainInt(value)
         if code in (EXT_SCALAR, EXT_VIEW):
             if len(payload) != 4:
-                raise InvalidMetadataError(path, f"ext {code} reference of {len(payload)} bytes, expected 4")
+                raise InvalidMetadataError(self.path, f"ext {code} reference of {len(payload)} bytes, expected 4")
             row = int.from_bytes(payload, "little")
             return TensorRef(row) if code == EXT_SCALAR else ViewRef(row)
         if code in (EXT_TUPLE, EXT_MAP):
-            depth[0] += 1
-            try:
-                if depth[0] > limits.max_depth:
-                    raise MetadataLimitError(path, f"tree nesting deeper than {limits.max_depth} "
-                                                   "(raise Limits.max_depth)")
-                items = _unpack(payload, tree=True)
-            finally:
-                depth[0] -= 1
-            if type(items) is not list:
-                raise InvalidMetadataError(path, f"ext {code} payload is not a msgpack array")
-            if code == EXT_TUPLE:
-                return tuple(items)
-            if len(items) != 2 or type(items[0]) is not list or type(items[1]) is not list \
-                    or len(items[0]) != len(items[1]):
-                raise InvalidMetadataError(path, "a map payload is not two arrays of equal length")
-            keys = items[0]
-            key_types = set(map(type, keys))
-            if not key_types <= _KEYS:
-                raise InvalidMetadataError(path, "a tree map key is neither str nor int")
-            d = dict(zip(keys, items[1], strict=True))
-            if len(d) != len(keys) or (int in key_types and len({str(k) for k in keys}) != len(keys)):
-                raise InvalidMetadataError(path, "a tree map has duplicate keys (or an int and a str key with the "
-                                                 "same key path)")
-            return d
-        raise InvalidMetadataError(path, f"unknown msgpack ext type {code} in the tree")
+            return _Deferred(code, payload)
+        raise InvalidMetadataError(self.path, f"unknown msgpack ext type {code} in the tree")
 
-    def _unpack(payload: bytes, tree: bool = False) -> Any:
-        if tree:
-            return msgpack.unpackb(payload, raw=False, strict_map_key=False, ext_hook=ext_hook,
-                                   object_pairs_hook=_no_maps)
-        return msgpack.unpackb(payload, raw=False, strict_map_key=False, ext_hook=_no_ext, object_pairs_hook=_pairs)
+    def _unpack_tree(self, buf: Any) -> Any:
+        return msgpack.unpackb(buf, raw=False, strict_map_key=False, ext_hook=self._ext,
+                               object_pairs_hook=self._no_maps, list_hook=self._list)
 
-    def _no_ext(code: int, payload: bytes) -> Any:
-        raise InvalidMetadataError(path, f"msgpack ext type {code} outside the tree (only the tree holds ext types)")
+    def tree(self, buf: Any) -> Any:
+        """Decode and check the tree: leaf types, map keys, nesting depth; collects every reference."""
+        root = self._unpack_tree(buf)
+        t = type(root)
+        if t is _Deferred:
+            return self._expand(root, 1)
+        if t is list:
+            self._walk(root, 1)
+            return root
+        self._leaves((root,))
+        return root
 
-    def _pairs(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
-        d = dict(pairs)
-        if len(d) != len(pairs):
-            raise InvalidMetadataError(path, "a map has duplicate keys")
+    def _too_deep(self) -> MetadataLimitError:
+        return MetadataLimitError(self.path, f"tree nesting deeper than {self.limits.max_depth} (raise "
+                                             "Limits.max_depth)")
+
+    def _leaves(self, values: Any) -> set[type]:
+        types = set(map(type, values))
+        if not types <= _TREE_TYPES:
+            bad = sorted(x.__name__ for x in types - _TREE_TYPES)
+            raise InvalidMetadataError(self.path, f"tree leaf of type {', '.join(bad)} is not allowed")
+        if int in types:
+            self.refs.extend(v for v in values if type(v) is int)
+        if TensorRef in types:
+            self.scalars.extend(v.index for v in values if type(v) is TensorRef)
+        if ViewRef in types:
+            self.view_refs.extend(v.index for v in values if type(v) is ViewRef)
+        return types
+
+    def _walk(self, node: Any, depth: int) -> None:
+        """Check a list or dict at nesting level ``depth`` (the root is 1) and expand what it holds."""
+        if depth > self.limits.max_depth:
+            raise self._too_deep()
+        types = self._leaves(node.values() if type(node) is dict else node)
+        if list in types or _Deferred in types:
+            for k, v in (node.items() if type(node) is dict else enumerate(node)):
+                tv = type(v)
+                if tv is list:
+                    self._walk(v, depth + 1)
+                elif tv is _Deferred:
+                    node[k] = self._expand(v, depth + 1)  # a value replaced in place: the dict keeps its size
+
+    def _expand(self, deferred: _Deferred, depth: int) -> Any:
+        """Decode a tuple or dict payload, then its children; its bytes are freed before the children's."""
+        if depth > self.limits.max_depth:
+            raise self._too_deep()
+        payload, deferred.payload = deferred.payload, None
+        code = deferred.code
+        items = self._unpack_tree(payload)
+        del payload
+        if type(items) is not list:
+            raise InvalidMetadataError(self.path, f"ext {code} payload is not a msgpack array")
+        if code == EXT_TUPLE:
+            self._walk(items, depth)
+            return tuple(items)
+        if len(items) != 2 or type(items[0]) is not list or type(items[1]) is not list \
+                or len(items[0]) != len(items[1]):
+            raise InvalidMetadataError(self.path, "a map payload is not two arrays of equal length")
+        keys, values = items
+        key_types = set(map(type, keys))
+        if not key_types <= _KEYS:
+            raise InvalidMetadataError(self.path, "a tree map key is neither str nor int")
+        d = dict(zip(keys, values, strict=True))
+        if len(d) != len(keys) or (int in key_types and len({str(k) for k in keys}) != len(keys)):
+            raise InvalidMetadataError(self.path, "a tree map has duplicate keys (or an int and a str key with the "
+                                                  "same key path)")
+        del items, keys, values
+        self.left += 2  # the payload's outer and key arrays are gone; the values now live in the dict
+        self._walk(d, depth)
         return d
 
-    def _no_maps(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
-        raise InvalidMetadataError(path, "a msgpack map in the tree (maps in the tree are ext 5)")
 
+def parse_manifest(data: bytes, *, path: str | None, minor: int, alignment: int, metadata_offset: int,
+                   limits: Limits) -> Manifest:
+    """Decode and validate the metadata bytes (§4, §8). Every failure is an :class:`InvalidMetadataError`.
+
+    Memory stays within a small multiple of ``len(data)`` (§8.1): no byte is copied once per nesting
+    level, and the number of decoded containers is capped in proportion to the length.
+    """
+    if len(data) > limits.max_metadata_bytes:
+        raise MetadataLimitError(path, f"metadata is {len(data)} bytes, over the cap of "
+                                       f"{limits.max_metadata_bytes} (raise Limits.max_metadata_bytes to read it)")
+    dec = _Decoder(path, limits, container_budget(len(data), limits))
     meta: dict[str, Any] = {}
+    unknown: dict[str, bytes] = {}
+    buf = memoryview(data)
     was_enabled = gc.isenabled()
     gc.disable()  # decoding makes no cycles; collections during a large decode only cost time
     try:
         for key, (start, end) in _sections(data, path).items():
-            meta[key] = _unpack(data[start:end], tree=key == "tree")
-    except InvalidMetadataError:
-        raise
+            part = buf[start:end]
+            if key not in _KNOWN_SECTIONS:
+                unknown[key] = bytes(part)  # any well-formed msgpack value, kept undecoded (§4.1)
+            elif key == "tree":
+                meta[key] = dec.tree(part)
+            elif key == "tensors":
+                meta[key] = dec.columns(part, TENSOR_COLUMNS, key)
+            elif key == "views":
+                meta[key] = dec.columns(part, VIEW_COLUMNS, key)
+            else:
+                meta[key] = dec.plain(part)
+    except (InvalidMetadataError, MemoryError):
+        raise  # running out of memory is not corruption
     except (RecursionError, msgpack.exceptions.StackError):
         raise MetadataLimitError(path, f"metadata nests deeper than the decoder allows (cap {limits.max_depth})"
                                  ) from None
     except Exception as e:  # msgpack raises several unrelated types on malformed input
         raise InvalidMetadataError(path, f"metadata is not valid msgpack: {type(e).__name__}: {e}") from None
     finally:
+        buf.release()
         if was_enabled:
             gc.enable()
     for key in ("tree", "tensors"):
@@ -482,71 +697,25 @@ def parse_manifest(data: bytes, *, path: str | None, minor: int, alignment: int,
     producer = meta.get("producer", {})
     user = meta.get("user", {})
     created = meta.get("created", "")
-    if not isinstance(producer, dict) or not isinstance(user, dict) or not isinstance(created, str):
+    if type(producer) is not dict or type(user) is not dict or type(created) is not str:
         raise InvalidMetadataError(path, "metadata 'producer' and 'user' must be maps and 'created' a str")
     try:
         check_plain(user, max_depth=limits.max_depth, tuples=False)
         check_plain(producer, max_depth=limits.max_depth, what="producer", tuples=False)
-    except _TooDeep as e:
+    except ObjectLimitError as e:
         raise MetadataLimitError(path, str(e)) from None
     except UnsupportedObjectError as e:
         raise InvalidMetadataError(path, str(e)) from None
     tensors = _parse_tensor_table(meta["tensors"], path=path, minor=minor, limits=limits)
     views = _parse_views(meta["views"], tensors, path=path, minor=minor, limits=limits) if "views" in meta \
         else EMPTY_VIEWS
-    refs, scalars, view_refs = _check_tree(meta["tree"], path, limits.max_depth)
-    _check_refs(view_refs, len(views), path, what="views")
-    _check_refs(refs + scalars + views.base.astype(np.int64).tolist(), len(tensors), path)
-    for row in scalars:
+    _check_refs(dec.view_refs, len(views), path, what="views")
+    _check_refs(dec.refs + dec.scalars + views.base.astype(np.int64).tolist(), len(tensors), path)
+    for row in dec.scalars:
         if tensors.ndim[row] != 0:
             raise InvalidMetadataError(path, f"an array-scalar reference names tensor {row}, which is not 0-d")
     check_layout(tensors, alignment=alignment, metadata_offset=metadata_offset, path=path)
-    unknown = {k: v for k, v in meta.items() if k not in _KNOWN_SECTIONS}
     return Manifest(meta["tree"], tensors, producer, created, user, views, unknown)
-
-
-_CONTAINERS = frozenset((dict, list, tuple))
-_LEAVES = frozenset((str, bytes, bool, int, PlainInt, float, type(None), TensorRef, ViewRef))
-_KEYS = frozenset((str, int))
-
-
-def _check_tree(tree: Any, path: str | None, max_depth: int) -> tuple[list[int], list[int], list[int]]:
-    """Check leaf types and nesting depth (§4.2, §8.1).
-
-    Returns the rows referenced as tensors, as array scalars, and the view rows referenced. Map
-    keys and duplicates were checked as the maps were decoded.
-    """
-    refs: list[int] = []
-    scalars: list[int] = []
-    view_refs: list[int] = []
-    stack: list[tuple[Any, int]] = [(tree, 0)]
-    while stack:
-        node, d = stack.pop()
-        t = type(node)
-        if d >= max_depth and t in _CONTAINERS:  # the root container is level 1, as in the writer
-            raise MetadataLimitError(path, f"tree nesting deeper than {max_depth} (raise Limits.max_depth)")
-        if t is dict:
-            values: Any = node.values()
-        elif t is list or t is tuple:
-            values = node
-        else:
-            values = (node,)
-        types = set(map(type, values))
-        if not types <= _LEAVES | _CONTAINERS:
-            bad = sorted(x.__name__ for x in types - _LEAVES - _CONTAINERS)
-            raise InvalidMetadataError(path, f"tree leaf of type {', '.join(bad)} is not allowed")
-        if int in types:
-            refs.extend(v for v in values if type(v) is int)
-        if TensorRef in types:
-            scalars.extend(v.index for v in values if type(v) is TensorRef)
-        if ViewRef in types:
-            view_refs.extend(v.index for v in values if type(v) is ViewRef)
-        if types & _CONTAINERS:
-            stack.extend((v, d + 1) for v in values if type(v) in _CONTAINERS)
-    return refs, scalars, view_refs
-
-
-_KNOWN_SECTIONS = frozenset(("tree", "tensors", "producer", "created", "user", "views"))
 
 
 def _sections(data: bytes, path: str | None) -> dict[str, tuple[int, int]]:
@@ -590,12 +759,13 @@ def _check_refs(refs: list[int], count: int, path: str | None, what: str = "tens
         raise InvalidMetadataError(path, f"some {what} are not referenced (hidden payload)")
 
 
-def _column(table: dict[str, Any], name: str, dtype: np.dtype, count: int, path: str | None) -> np.ndarray:
+def _column(table: dict[str, Any], name: str, dtype: np.dtype, count: int, path: str | None,
+            what: str = "tensor table") -> np.ndarray:
     raw = table.get(name)
     if not isinstance(raw, bytes):
-        raise InvalidMetadataError(path, f"tensor table column {name!r} is missing or not binary")
+        raise InvalidMetadataError(path, f"{what} column {name!r} is missing or not binary")
     if len(raw) != count * dtype.itemsize:
-        raise InvalidMetadataError(path, f"tensor table column {name!r} has {len(raw)} bytes, "
+        raise InvalidMetadataError(path, f"{what} column {name!r} has {len(raw)} bytes, "
                                          f"expected {count * dtype.itemsize}")
     return np.frombuffer(raw, dtype=dtype)
 
@@ -614,8 +784,8 @@ def _typed_columns(table: Any, what: str, rows: str, *, path: str | None, minor:
     if count > limits.max_tensors:
         raise MetadataLimitError(path, f"{count} {rows}, over the cap of {limits.max_tensors}")
     names = _dtype_names(table, what, path, minor)
-    code = _column(table, "dtype", _U8, count, path)
-    ndim = _column(table, "ndim", _U8, count, path)
+    code = _column(table, "dtype", _U8, count, path, what)
+    ndim = _column(table, "ndim", _U8, count, path, what)
     if count and int(code.max()) >= len(names):
         raise InvalidMetadataError(path, f"{what}: dtype code {int(code.max())} has no entry in 'dtypes'")
     if count and int(ndim.max()) > limits.max_ndim:
@@ -639,9 +809,10 @@ def _parse_views(table: Any, tensors: TensorTable, *, path: str | None, minor: i
     """Decode and check the view table (§4.7)."""
     count, names, code, ndim, total = _typed_columns(table, "view table", "views", path=path, minor=minor,
                                                      limits=limits)
-    vt = ViewTable(names, code, ndim, _column(table, "shape", _U64, total, path),
-                   _column(table, "strides", _I64, total, path), _column(table, "base", _U64, count, path),
-                   _column(table, "offset", _U64, count, path))
+    w = "view table"
+    vt = ViewTable(names, code, ndim, _column(table, "shape", _U64, total, path, w),
+                   _column(table, "strides", _I64, total, path, w), _column(table, "base", _U64, count, path, w),
+                   _column(table, "offset", _U64, count, path, w))
     if not count:
         return vt
     if int(vt.base.max()) >= len(tensors):
@@ -664,6 +835,7 @@ def _parse_views(table: Any, tensors: TensorTable, *, path: str | None, minor: i
     np.logical_or.at(is_empty, owner, empty_dim)
     itemsize = np.array([DTYPES[n].itemsize if n in DTYPES else 1 for n in names], np.int64)[code]
     base_nbytes = tensors.nbytes[vt.base.astype(np.int64)].astype(np.int64)
+    _check_view_sizes(vt, itemsize, base_nbytes, path, limits)
     offset = vt.offset
     if int(offset.max()) >= 1 << 62:
         raise InvalidMetadataError(path, "a view offset is 2**62 or larger")
@@ -673,6 +845,32 @@ def _parse_views(table: Any, tensors: TensorTable, *, path: str | None, minor: i
         i = int(np.flatnonzero(bad)[0])
         raise InvalidMetadataError(path, f"view {i} reaches outside the blob of its base row {int(vt.base[i])}")
     return vt
+
+
+def _check_view_sizes(vt: ViewTable, itemsize: np.ndarray, base_nbytes: np.ndarray, path: str | None,
+                      limits: Limits) -> None:
+    """A view's elements x itemsize stays below 2**63 and within ``max_view_expansion`` x its base (§4.7)."""
+    count = len(vt)
+    dims_f = vt.shape_flat.astype(np.float64)
+    owner = np.repeat(np.arange(count), vt.ndim.astype(np.int64))
+    logical = np.ones(count, np.float64)
+    nonzero = np.ones(count, np.float64)
+    np.multiply.at(logical, owner, dims_f)
+    dims_f[dims_f == 0] = 1
+    np.multiply.at(nonzero, owner, dims_f)
+    isz = itemsize.astype(np.float64)
+    for i in np.flatnonzero(~(nonzero * isz < 2.0**62)).tolist():
+        v = vt.entry(i)
+        if _nonzero_bytes(v.shape, int(itemsize[i])) >= 1 << 63:
+            raise InvalidMetadataError(path, f"view {i}: shape {v.shape}: its non-zero dimensions make 2**63 bytes "
+                                             "or more, which no array can hold (§4.7)")
+    cap = np.maximum(base_nbytes.astype(np.float64), 1.0) * float(limits.max_view_expansion)
+    over = logical * isz > cap
+    if over.any():
+        i = int(np.flatnonzero(over)[0])
+        raise MetadataLimitError(path, f"view {i} spans {int(logical[i])} elements of {int(itemsize[i])} bytes, over "
+                                       f"{limits.max_view_expansion} times its base's {int(base_nbytes[i])} bytes "
+                                       "(raise Limits.max_view_expansion)")
 
 
 def _dtype_names(table: dict[str, Any], what: str, path: str | None, minor: int) -> list[str]:
@@ -710,8 +908,13 @@ def _check_sizes(tt: TensorTable, path: str | None) -> None:
     itemsize = np.array([DTYPES[nm].itemsize if nm in DTYPES else 0 for nm in tt.dtype_names], dtype=np.uint64)
     isz = itemsize[tt.dtype_code]
     known = isz > 0
+    huge = known & ~(prod_f * np.maximum(isz, 1) < 2.0**62)
+    for i in np.flatnonzero(huge).tolist():  # near the bound: decide exactly, with Python ints
+        if _nonzero_bytes(tt.shape(i), int(isz[i])) >= 1 << 63:
+            raise InvalidMetadataError(path, f"tensor {i}: shape {tt.shape(i)} x itemsize {int(isz[i])}: its non-zero "
+                                             "dimensions make 2**63 bytes or more, which no array can hold (§8.2)")
     with np.errstate(over="ignore", invalid="ignore"):
-        bad = known & (~(prod_f * np.maximum(isz, 1) <= 2.0**62) | (prod_u * isz != tt.nbytes))
+        bad = known & (prod_u * isz != tt.nbytes)
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
         raise InvalidMetadataError(path, f"tensor {i}: shape {tt.shape(i)} x itemsize {int(isz[i])} != "
@@ -721,6 +924,14 @@ def _check_sizes(tt: TensorTable, path: str | None) -> None:
         if wrong.any():
             i = int(np.flatnonzero(wrong)[0])
             raise InvalidMetadataError(path, f"tensor {i} is empty but its checksum is not xxh3 of no bytes")
+
+
+def _nonzero_bytes(shape: tuple[int, ...], itemsize: int) -> int:
+    """Product of the non-zero dimensions times the itemsize: what an array library must be able to index."""
+    n = itemsize
+    for d in shape:
+        n *= d or 1
+    return n
 
 
 def check_layout(tt: TensorTable, *, alignment: int, metadata_offset: int, path: str | None) -> None:

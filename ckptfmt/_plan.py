@@ -41,6 +41,8 @@ class Plan:
     tree: Any
     rows: list[tuple[Source, DType]]
     views: ViewTable | None
+    #: lists, tuples and dicts in the tree (a reader caps them, spec §8.1)
+    containers: int = 0
 
 
 def plan(obj: Any) -> Plan:
@@ -72,14 +74,15 @@ def plan(obj: Any) -> Plan:
         leaves.append(Leaf(leaf, be, source, dtype, scalar))
         return enc
 
-    tree = TreeEncoder(add_array).encode(obj)
+    encoder = TreeEncoder(add_array)
+    tree = encoder.encode(obj)
     groups = [c for g in _shared_groups(leaves) for c in _overlapping(leaves, g) if len(c) > 1]
     if not groups:
-        return Plan(tree, [(leaf.source, leaf.dtype) for leaf in leaves], None)
+        return Plan(tree, [(leaf.source, leaf.dtype) for leaf in leaves], None, encoder.containers)
     encodings, rows, views = _assign(leaves, groups)
     final = {id(leaf.obj): enc for leaf, enc in zip(leaves, encodings, strict=True)}
     tree = TreeEncoder(lambda leaf: final.get(id(leaf))).encode(obj)
-    return Plan(tree, rows, ViewTable.build(views))
+    return Plan(tree, rows, ViewTable.build(views), encoder.containers)
 
 
 def _backend(leaf: Leaf) -> ArrayBackend:

@@ -17,8 +17,8 @@ from . import _keypath
 from ._manifest import PlainInt, TensorRef, ViewRef, tensor_ref
 from .errors import CheckpointKeyError
 
-__all__ = ["Path", "children", "is_decimal", "map_tree", "plain", "rebuild", "resolve", "tensor_rows", "walk",
-           "walk_leaves", "walk_nodes"]
+__all__ = ["Path", "children", "count_leaves", "is_decimal", "map_tree", "plain", "rebuild", "resolve", "short",
+           "tensor_rows", "walk", "walk_leaves", "walk_nodes"]
 
 #: A key path as its elements (dict keys, or list/tuple positions).
 Path = tuple[str | int, ...]
@@ -38,16 +38,25 @@ def walk(node: Any, path: Path = (), *, empty_leaves: bool = False) -> Iterator[
     """(path, leaf) for every leaf in tree order.
 
     An empty container has no leaves, unless ``empty_leaves``: then it is yielded as a leaf of its own
-    (what exporters need to keep an empty dict).
+    (what exporters need to keep an empty dict). One iterator per open container: memory O(depth),
+    whatever the width (a tree of 10**7 leaves).
     """
-    stack: list[tuple[Any, Path]] = [(node, path)]
+    items = children(node)
+    if items is None or (empty_leaves and not len(node)):
+        yield path, node
+        return
+    stack: list[tuple[Iterator[tuple[str | int, Any]], Path]] = [(iter(items), path)]
     while stack:
-        n, p = stack.pop()
-        items = children(n)
-        if items is None or (empty_leaves and not len(n)):
-            yield p, n
+        it, p = stack[-1]
+        for k, v in it:
+            sub = children(v)
+            if sub is None or (empty_leaves and not len(v)):
+                yield (*p, k), v
+                continue
+            stack.append((iter(sub), (*p, k)))
+            break
         else:
-            stack.extend(reversed([(v, (*p, k)) for k, v in items]))
+            stack.pop()
 
 
 def walk_leaves(node: Any, path: Path = ()) -> Iterator[tuple[str, Any]]:
@@ -56,15 +65,52 @@ def walk_leaves(node: Any, path: Path = ()) -> Iterator[tuple[str, Any]]:
         yield _keypath.join(p), leaf
 
 
+def count_leaves(node: Any) -> int:
+    """How many leaves :func:`walk_leaves` yields, without building key paths."""
+    n = 0
+    stack = [node]
+    while stack:
+        x = stack.pop()
+        t = type(x)
+        if t is not dict and t is not list and t is not tuple:
+            n += 1
+            continue
+        values = x.values() if t is dict else x
+        if not set(map(type, values)) & {dict, list, tuple}:
+            n += len(values)
+            continue
+        for v in values:
+            tv = type(v)
+            if tv is dict or tv is list or tv is tuple:
+                stack.append(v)
+            else:
+                n += 1
+    return n
+
+
 def walk_nodes(node: Any, path: Path = ()) -> Iterator[tuple[Path, Any]]:
     """(path, node) for every node, containers included, parents before their children, in tree order."""
-    stack: list[tuple[Any, Path]] = [(node, path)]
+    yield path, node
+    items = children(node)
+    if items is None:
+        return
+    stack: list[tuple[Iterator[tuple[str | int, Any]], Path]] = [(iter(items), path)]
     while stack:
-        n, p = stack.pop()
-        yield p, n
-        items = children(n)
-        if items is not None:
-            stack.extend(reversed([(v, (*p, k)) for k, v in items]))
+        it, p = stack[-1]
+        for k, v in it:
+            yield (*p, k), v
+            sub = children(v)
+            if sub is not None:
+                stack.append((iter(sub), (*p, k)))
+                break
+        else:
+            stack.pop()
+
+
+def short(text: str, limit: int = 80) -> str:
+    """``repr(text)``, cut in the middle when long (a hostile key path can be megabytes)."""
+    r = repr(text)
+    return r if len(r) <= limit else f"{r[: limit // 2]}...{r[-limit // 2 :]} ({len(text)} chars)"
 
 
 def plain(value: Any) -> Any:
@@ -149,7 +195,7 @@ def resolve(tree: Any, key: str, *, where: str = "the checkpoint") -> Any:
         elif (t is list or t is tuple) and is_decimal(el) and 0 <= int(el) < len(node):
             node = node[int(el)]
             continue
-        raise CheckpointKeyError(f"{where}: no key {key!r} in the checkpoint (element {el!r} not found)")
+        raise CheckpointKeyError(f"{where}: no key {short(key)} in the checkpoint (element {short(el)} not found)")
     return node
 
 

@@ -15,6 +15,7 @@ user would catch for the same situation::
     ├── UnsupportedVersionError (ValueError)
     ├── UnsupportedDTypeError (TypeError)
     ├── UnsupportedObjectError (TypeError)
+    │   └── ObjectLimitError
     ├── InvalidKeyError (ValueError)
     ├── CheckpointKeyError (KeyError)
     ├── CheckpointClosedError (ValueError)
@@ -38,6 +39,7 @@ __all__ = [
     "MetadataLimitError",
     "MissingDependencyError",
     "NotACheckpointFileError",
+    "ObjectLimitError",
     "TruncatedCheckpointError",
     "UnsupportedDTypeError",
     "UnsupportedObjectError",
@@ -116,6 +118,14 @@ class UnsupportedDTypeError(CheckpointError, TypeError):
 
 class UnsupportedObjectError(CheckpointError, TypeError):
     """A value in the object to save is not a container, an array or a plain scalar."""
+
+
+class ObjectLimitError(UnsupportedObjectError):
+    """The object to save exceeds a cap the reader applies (§8.1): nesting depth, metadata size, tensors.
+
+    Saving refuses it rather than write a file that ``load`` with default :class:`~ckptfmt.Limits`
+    would refuse; the message says which cap and how to raise it.
+    """
 
 
 class InvalidKeyError(CheckpointError, ValueError):

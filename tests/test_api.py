@@ -19,7 +19,7 @@ EXPORTS = [
     "BadMagicError", "Checkpoint", "CheckpointError", "CheckpointKeyError", "CheckpointNotFoundError",
     "ChecksumMismatchError", "CorruptCheckpointError", "FORMAT_MAJOR", "FORMAT_MINOR", "InvalidKeyError",
     "InvalidMetadataError", "LazyArray", "Limits", "MetadataLimitError", "MissingDependencyError",
-    "NotACheckpointFileError", "SaveHandle", "StagingPool", "TensorEntry", "TensorInfo",
+    "NotACheckpointFileError", "ObjectLimitError", "SaveHandle", "StagingPool", "TensorEntry", "TensorInfo",
     "CheckpointClosedError", "TensorSlice",
     "TruncatedCheckpointError", "UnsupportedDTypeError", "UnsupportedObjectError", "UnsupportedVersionError",
     "VerifyReport", "__version__", "convert", "diff", "get_backend", "inspect", "load", "load_bytes", "open",
