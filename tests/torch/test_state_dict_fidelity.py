@@ -101,9 +101,9 @@ def _with_table(table: Any, tree: Any) -> bytes:
 
     real = api._prepare
 
-    def patched(obj: Any, metadata: Any, alignment: Any) -> Any:
-        align, what, user = real(obj, metadata, alignment)
-        return align, what, {**user, TYPES_KEY: table}
+    def patched(*args: Any) -> Any:
+        align, what, user, tree = real(*args)
+        return align, what, {**user, TYPES_KEY: table}, tree
 
     api._prepare = patched  # type: ignore[assignment]
     try:
