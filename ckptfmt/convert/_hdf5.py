@@ -29,7 +29,13 @@ from .._dtypes import DTYPES, DType, from_numpy, numpy_dtype
 from .._keypath import join
 from .._manifest import TensorRef, ViewRef
 from .._reader import Checkpoint
-from ..errors import CheckpointError, MissingDependencyError, UnsupportedDTypeError, UnsupportedObjectError, UnsupportedVersionError
+from ..errors import (
+    CheckpointError,
+    MissingDependencyError,
+    UnsupportedDTypeError,
+    UnsupportedObjectError,
+    UnsupportedVersionError,
+)
 from ._errors import CorruptSourceError, UnsupportedSourceError
 from ._lazy import LazyArray
 
@@ -487,8 +493,9 @@ class _Reader:
         if first is not None:
             if g.id in stack:
                 raise self.bad(where, f"a link makes a cycle of groups (back to {first}); the file is not a tree")
-            raise (self.bad if export else self.refuse)(where, f"this group is also linked at {first}; a ckptfmt tree cannot hold one group "
-                                     "at two places (a dataset can), so an import refuses it")
+            make = self.bad if export else self.refuse
+            raise make(where, f"this group is also linked at {first}; a ckptfmt tree cannot hold one group at two "
+                              "places (a dataset can), so an import refuses it")
         if len(stack) > 256:
             raise self.bad(where, "groups nest deeper than 256")
         self.groups[g.id] = where

@@ -212,4 +212,4 @@ def test_a_truncated_file_is_a_corrupt_source(tmp_path: Path) -> None:
     data = p.read_bytes()
     p.write_bytes(data[: len(data) * 2 // 3])
     with pytest.raises(ckptfmt.CheckpointError):
-        tree, _ = read_hdf5(p, lazy=False)
+        read_hdf5(p, lazy=False)
