@@ -572,7 +572,7 @@ class _Reader:
             raw = _text(g.attrs.get(A_KEYS))
             try:
                 found = json.loads(raw) if isinstance(raw, str) else None
-            except ValueError:
+            except (ValueError, RecursionError):
                 found = None
             if type(found) is not list or any(type(k) not in (str, int) for k in found):
                 raise self.bad(where, f"attribute {A_KEYS} is not a JSON array of str and int keys")
