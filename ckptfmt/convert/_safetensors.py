@@ -98,7 +98,7 @@ def read_safetensors(path: str) -> tuple[dict[str, FileArray], dict[str, Any]]:
     """``({name: tensor}, __metadata__)`` of one file; tensors in the order of their bytes in the file.
 
     The header is held to the safetensors library's own rules (``Metadata::validate``): every entry's
-    ``data_offsets`` span exactly dtype size × shape bytes, and the entries, sorted by offset, tile the
+    ``data_offsets`` span exactly the dtype size times the element count, and the entries, sorted by offset, tile the
     data region from its first byte to the end of the file with no gap and no overlap.
     """
     header, start, size = _header(path)
