@@ -32,7 +32,7 @@ def test_a_member_that_is_not_npy_data_is_refused_after_six_bytes(tmp_path: Path
     assert p.stat().st_size < 1 << 20
     tracemalloc.start()
     try:
-        with pytest.raises(UnsupportedSourceError, match="'payload.npy' is not NPY data") as e:
+        with pytest.raises(UnsupportedSourceError, match=r"'payload\.npy' is not NPY data") as e:
             read_npz(str(p), allow_pickle=False)
         _, peak = tracemalloc.get_traced_memory()
     finally:
@@ -117,6 +117,6 @@ def test_a_damaged_compressed_member_is_a_corrupt_source(tmp_path: Path) -> None
     for i in range(2000, 2064):
         data[i] ^= 0x5A
     p.write_bytes(bytes(data))
-    with pytest.raises(CorruptSourceError, match="'w.npy'"):
+    with pytest.raises(CorruptSourceError, match=r"'w\.npy'"):
         ckptfmt.convert(p, tmp_path / "t.ckpt")
     assert not (tmp_path / "t.ckpt").exists()
