@@ -16,11 +16,12 @@ import pytest
 torch = pytest.importorskip("torch")
 dcp = pytest.importorskip("torch.distributed.checkpoint")
 
+from torch.distributed.checkpoint.metadata import ChunkStorageMetadata  # noqa: E402
+
 import ckptfmt  # noqa: E402
 import ckptfmt.torch  # noqa: E402
 from ckptfmt.convert import CorruptSourceError, UnsafePickleError, convert  # noqa: E402
 from ckptfmt.convert._dcp import read_dcp  # noqa: E402
-from torch.distributed.checkpoint.metadata import ChunkStorageMetadata  # noqa: E402
 
 
 def state() -> dict[str, Any]:
