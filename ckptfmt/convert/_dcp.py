@@ -25,6 +25,7 @@ import itertools
 import math
 import os
 import pickle
+import pickletools
 from collections.abc import Iterator
 from typing import Any
 
@@ -112,12 +113,20 @@ def read_dcp_metadata(path: str) -> Any:
         raise CorruptSourceError(meta_path, f"{size} bytes of metadata, over the cap of {MAX_METADATA}")
     import_torch()
     with open(meta_path, "rb") as f:
+        data = f.read(size + 1)
+    # the C unpickler allocates what a length field says before reading it: check every length first
+    try:
+        for _ in pickletools.genops(data):
+            pass
+    except (ValueError, KeyError, EOFError) as e:  # genops: an unknown opcode, a length past the end, ...
+        raise CorruptSourceError(meta_path, f"DCP metadata: not a well-formed pickle ({e})") from None
+    with io.BytesIO(data) as f:
         try:
             meta = RestrictedUnpickler(f, path=meta_path).load()
         except UnsafePickleError:
             raise
         except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, TypeError, ValueError,
-                IndexError, KeyError) as e:
+                IndexError, KeyError, OverflowError, RecursionError) as e:
             raise CorruptSourceError(meta_path, f"DCP metadata: cannot unpickle ({type(e).__name__}: {e})") from None
     from torch.distributed.checkpoint.metadata import Metadata
 
@@ -152,7 +161,8 @@ class _FileRange(io.RawIOBase):
         if n == 0:
             return 0
         self._f.seek(self._start + self._pos)
-        got = self._f.readinto(memoryview(b)[:n])
+        with memoryview(b) as mv, mv[:n] as part:  # released now: the caller may free ``b`` after an error
+            got = self._f.readinto(part)
         self._pos += got
         return got
 
@@ -208,8 +218,9 @@ class DcpTensor(LazyArray):
     def _check(self) -> None:
         """Chunks inside the shape, tiling it exactly, each stored in at least its own bytes."""
         where = os.path.join(self.path, METADATA_FILE)
-        if any(n < 0 for n in self.shape):
-            raise CorruptSourceError(where, f"tensor {self.fqn!r}: negative size in its shape {list(self.shape)}")
+        if any(not 0 <= n < 1 << 63 for n in self.shape):
+            raise CorruptSourceError(where, f"tensor {self.fqn!r}: a size in its shape {list(self.shape)} is negative "
+                                            "or 2**63 or more")
         volume = 0
         for off, size, item in self.parts:
             if len(off) != len(self.shape) or len(size) != len(self.shape) or any(

@@ -14,7 +14,9 @@ from __future__ import annotations
 import math
 import struct
 import tempfile
+import tokenize
 import zipfile
+import zlib
 from collections.abc import Iterator
 from typing import IO, Any
 
@@ -33,6 +35,8 @@ _LOCAL_HEADER = struct.Struct("<4s5H3I2H")  # zip local file header, 30 bytes
 #: deflate expands at most about 1032:1; a member declaring more than this is lying about its size
 _MAX_DEFLATE_RATIO = 1100
 _COMPRESSIONS = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED)
+#: what zipfile and zlib raise on a damaged archive (NotImplementedError: a zip feature it lacks)
+_ZIP_ERRORS = (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError, zlib.error)
 _PICKLE_HINT = ("its elements are Python objects, stored as a pickle, which can run code when loaded; pass "
                 "allow_pickle=True (UNSAFE: only for files you trust) to convert what the pickle holds")
 
@@ -49,8 +53,9 @@ def _header(f: IO[bytes], path: str, what: str) -> tuple[tuple[int, ...], bool, 
         else:
             raise UnsupportedSourceError(path, f"{what}: npy format version {version[0]}.{version[1]} is not "
                                                "supported (only 1.0 and 2.0)")
-    except (ValueError, SyntaxError, EOFError) as e:
-        raise CorruptSourceError(path, f"{what}: not a valid npy header ({e})") from None
+    except (ValueError, SyntaxError, EOFError, TypeError, RecursionError, tokenize.TokenError) as e:
+        # numpy parses the header with ast.literal_eval, and tokenize for headers of old numpy versions
+        raise CorruptSourceError(path, f"{what}: not a valid npy header ({type(e).__name__}: {e})") from None
     return tuple(shape), bool(fortran), dtype
 
 
@@ -87,7 +92,7 @@ def read_npz(path: str, *, allow_pickle: bool) -> dict[str, Any]:
     """``{key: array}`` of an ``.npz`` archive, in archive order (keys as ``numpy.load`` gives them)."""
     try:
         zf = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError, EOFError) as e:
+    except _ZIP_ERRORS as e:
         raise CorruptSourceError(path, f"not a readable zip archive ({e})") from None
     out: dict[str, Any] = {}
     with zf, open(path, "rb") as raw:
@@ -124,7 +129,7 @@ def _member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, raw: IO[bytes], size: in
     try:
         with zf.open(info) as m:
             head = m.read(len(_NPY_MAGIC))
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+    except _ZIP_ERRORS as e:
         raise CorruptSourceError(path, f"{what}: {e}") from None
     if head != _NPY_MAGIC:  # numpy.load would return the member's raw bytes, however large
         raise UnsupportedSourceError(path, f"{what} is not NPY data (it starts with {head!r}); convert stores arrays, "
@@ -152,7 +157,7 @@ def _member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, raw: IO[bytes], size: in
                 start = m.tell()
         except CorruptSourceError:
             raise
-        except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+        except _ZIP_ERRORS as e:
             raise CorruptSourceError(path, f"{what}: {e}") from None
         if not dtype.hasobject:
             nbytes = math.prod(shape) * dtype.itemsize
@@ -206,7 +211,7 @@ class ZipMemberArray(LazyArray):
                 _drain(m, limit)
         except CorruptSourceError:
             raise
-        except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+        except _ZIP_ERRORS as e:
             raise CorruptSourceError(self.path, f"{what}: {e}") from None
 
     def _fortran(self, m: IO[bytes], limit: int, what: str) -> Iterator[np.ndarray]:

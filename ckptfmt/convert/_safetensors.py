@@ -111,12 +111,12 @@ def read_safetensors(path: str) -> tuple[dict[str, FileArray], dict[str, Any]]:
         if not isinstance(info, dict):
             raise CorruptSourceError(path, f"{what}: entry is not an object")
         code, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-        if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
+        if not (isinstance(shape, list) and all(type(d) is int and 0 <= d < 1 << 63 for d in shape)):
             raise CorruptSourceError(path, f"{what}: bad shape {shape!r}")
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
                 and 0 <= offsets[0] <= offsets[1]):
             raise CorruptSourceError(path, f"{what}: bad data_offsets {offsets!r}")
-        if code not in ST_DTYPES:
+        if not isinstance(code, str) or code not in ST_DTYPES:
             raise UnsupportedDTypeError(f"{path}: {what} has dtype {code!r}, which ckptfmt cannot store; "
                                         f"supported: {sorted(ST_DTYPES)}")
         dtype = DTYPES[ST_DTYPES[code]]
