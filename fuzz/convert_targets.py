@@ -250,11 +250,75 @@ def _mutate_npy(body: bytes, rng: random.Random) -> bytes:
 
 
 def mutate_hdf5(data: bytes, rng: random.Random) -> bytes:
-    """Byte edits of an HDF5 file (the C library parses it; damage anywhere is fair game)."""
+    """Byte edits of an HDF5 file (the C library parses it; damage anywhere is fair game), or a new
+    file of random hostile structure (:func:`build_hdf5`)."""
+    if rng.random() < 0.3:
+        return build_hdf5(rng)
     out = data
     for _ in range(rng.randrange(1, 4)):
         out = mutate_bytes(out, rng)
     return out
+
+
+_H5_DTYPES = [np.dtype(t) for t in ("<f4", ">f8", "<i2", "|u1", "<c8", "|b1", "<f2", "<u8")] + [
+    np.dtype([("a", "<f8"), ("b", "<i4")])]
+
+
+def build_hdf5(rng: random.Random) -> bytes:
+    """An HDF5 file written by h5py with a random structure: groups, datasets of many types and layouts
+    (chunked, compressed, never written, compound, strings), hard and soft links to earlier objects
+    (groups too), dangling and external links, external raw storage, attributes."""
+    import h5py
+
+    with tempfile.TemporaryDirectory() as d:
+        p = os.path.join(d, "b.h5")
+        side = os.path.join(d, "side.bin")
+        with open(side, "wb") as f:
+            f.write(bytes(range(256)))
+        with h5py.File(p, "w") as f:
+            groups = [f]
+            objects: list[Any] = []
+            for i in range(rng.randrange(1, 12)):
+                g = rng.choice(groups)
+                name = rng.choice([f"n{i}", f"x.{i}", f"ckptfmt.{i}", f"sp ace{i}", f"u\u00e9{i}"])
+                op = rng.randrange(10)
+                with contextlib.suppress(ValueError, TypeError, KeyError, OSError, RuntimeError):
+                    if op == 0:
+                        groups.append(g.create_group(name))
+                        objects.append(groups[-1])
+                    elif op in (1, 2, 3):
+                        dt = rng.choice(_H5_DTYPES)
+                        shape = tuple(rng.choice([0, 1, 3, 7]) for _ in range(rng.randrange(0, 3)))
+                        kw: dict[str, Any] = {}
+                        if shape and all(shape) and rng.random() < 0.5:
+                            kw["chunks"] = tuple(max(1, n // 2) for n in shape)
+                            if rng.random() < 0.5:
+                                kw["compression"] = "gzip"
+                        if rng.random() < 0.3:
+                            kw["fillvalue"] = np.zeros((), dt)[()]
+                        ds = g.create_dataset(name, shape=shape, dtype=dt, **kw)
+                        if op != 3 and ds.size:  # op 3: never written, read as the fill value
+                            raw = np.frombuffer(bytes(rng.randrange(256) for _ in range(ds.size * dt.itemsize)),
+                                                dtype=dt.newbyteorder("=") if dt.fields is None else dt)
+                            if dt.kind == "b":
+                                raw = raw.view(np.uint8) % 2 == 1
+                            ds[...] = raw.reshape(shape)
+                        objects.append(ds)
+                    elif op == 4 and objects:
+                        g[name] = rng.choice(objects)  # a hard link to a group or dataset
+                    elif op == 5 and objects:
+                        g[name] = h5py.SoftLink(rng.choice(objects).name if rng.random() < 0.8 else "/nowhere")
+                    elif op == 6:
+                        g[name] = h5py.ExternalLink(side, "/x")
+                    elif op == 7:
+                        g.create_dataset(name, shape=(16,), dtype="u1", external=[(side, 0, 16)])
+                    elif op == 8:
+                        g.create_dataset(name, shape=(rng.choice([10**6, 10**9, 10**11]),), dtype="f4",
+                                         chunks=(1024,))
+                    else:
+                        g.attrs[name] = rng.choice([1, 2.5, "s", np.arange(3), b"by"])
+        with open(p, "rb") as fh:
+            return fh.read()
 
 
 def mutate_dcp(data: bytes, rng: random.Random) -> bytes:

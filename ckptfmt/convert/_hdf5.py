@@ -705,7 +705,9 @@ class _Reader:
         h5py = self.h5py
         if isinstance(v, h5py.Empty) or v is None:
             return None
-        if isinstance(v, (str, bool, int, float)):
+        if isinstance(v, str):
+            return str(v)  # np.str_ too
+        if isinstance(v, (bool, int, float)) and not isinstance(v, np.generic):  # np.float64 is a float
             return v
         if isinstance(v, (bytes, np.bytes_)):
             try:

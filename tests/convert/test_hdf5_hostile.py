@@ -213,3 +213,15 @@ def test_a_truncated_file_is_a_corrupt_source(tmp_path: Path) -> None:
     p.write_bytes(data[: len(data) * 2 // 3])
     with pytest.raises(ckptfmt.CheckpointError):
         read_hdf5(p, lazy=False)
+
+
+def test_numpy_scalar_attributes_become_plain_values(tmp_path: Path) -> None:
+    """Found by fuzzing: h5py gives float attributes as numpy.float64, a float subclass the metadata refused."""
+    p = tmp_path / "attrs.h5"
+    with h5py.File(p, "w") as f:
+        f["w"] = np.ones(2)
+        f["w"].attrs["lr"] = 2.5
+        f["w"].attrs["name"] = "adam"
+    ckptfmt.convert(p, tmp_path / "attrs.ckpt")
+    meta = ckptfmt.open(tmp_path / "attrs.ckpt").metadata["/w"]
+    assert meta == {"lr": 2.5, "name": "adam"} and type(meta["lr"]) is float
