@@ -26,6 +26,7 @@ import math
 import os
 import pickle
 import pickletools
+import struct
 from collections.abc import Iterator
 from typing import Any
 
@@ -44,6 +45,8 @@ METADATA_FILE = ".metadata"
 SUFFIX = ".distcp"
 #: a .metadata larger than this is refused before it is read
 MAX_METADATA = 1 << 30
+#: pickle opcodes naming a memo index
+_MEMO_OPS = frozenset({"PUT", "BINPUT", "LONG_BINPUT", "GET", "BINGET", "LONG_BINGET"})
 
 _DCP = "torch.distributed.checkpoint"
 #: (module, name) the metadata pickle may name; resolved by import, so a renamed class fails cleanly
@@ -115,9 +118,11 @@ def read_dcp_metadata(path: str) -> Any:
     with open(meta_path, "rb") as f:
         data = f.read(size + 1)
     # the C unpickler allocates what a length field says before reading it: check every length first
+    # (and sizes its memo table by the largest memo index)
     try:
-        for _ in pickletools.genops(data):
-            pass
+        for op, arg, pos in pickletools.genops(data):
+            if op.name in _MEMO_OPS and not (isinstance(arg, int) and 0 <= arg <= len(data)):
+                raise ValueError(f"memo index {arg} at byte {pos}, past any the pickle can have made")
     except (ValueError, KeyError, EOFError) as e:  # genops: an unknown opcode, a length past the end, ...
         raise CorruptSourceError(meta_path, f"DCP metadata: not a well-formed pickle ({e})") from None
     with io.BytesIO(data) as f:
@@ -201,8 +206,13 @@ class _Item:
             if f.seek(0, 2) < self.offset + self.length:
                 raise CorruptSourceError(self.file, f"{self.what}: bytes [{self.offset}, {self.offset + self.length})"
                                                     " lie past the end of the file (truncated?)")
-            return torch_load_bytes(torch, _FileRange(f, self.offset, self.length), path=self.file, what=self.what,
-                                    allow_pickle=allow_pickle)
+            try:
+                return torch_load_bytes(torch, _FileRange(f, self.offset, self.length), path=self.file,
+                                        what=self.what, allow_pickle=allow_pickle)
+            except (IndexError, KeyError, TypeError, AttributeError, struct.error) as e:
+                # torch's weights-only unpickler on a damaged pickle (``pop from empty list``, ...)
+                raise CorruptSourceError(self.file, f"{self.what}: torch.load failed ({type(e).__name__}: "
+                                                    f"{e})") from None
 
 
 class DcpTensor(LazyArray):

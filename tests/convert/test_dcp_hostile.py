@@ -137,3 +137,30 @@ def test_a_metadata_pickle_calling_bytes_with_a_size_is_refused(saved: Path, tmp
     finally:
         tracemalloc.stop()
     assert used < 16 << 20
+
+
+@pytest.mark.parametrize("pickled", [
+    b"\x80\x04Nr\xff\xff\xff\x7f.",  # LONG_BINPUT 2**31 - 1: the C unpickler sizes its memo table by it (16 GB)
+    b"\x80\x05\x96\x00\x00\x00\x00\x01\x00\x00\x00.",  # BYTEARRAY8 of 2**32 bytes: allocated before it is read
+], ids=["memo-index", "length-field"])
+def test_metadata_pickle_fields_that_allocate_are_checked_first(saved: Path, tmp_path: Path, pickled: bytes) -> None:
+    """Found by fuzzing: a few bytes of .metadata made the unpickler allocate gigabytes (MemoryError)."""
+    path = tmp_path / "pickle-bomb"
+    shutil.copytree(saved, path)
+    (path / ".metadata").write_bytes(pickled)
+    assert_refused(path, tmp_path, "not a well-formed pickle")
+
+
+def test_a_damaged_value_pickle_is_a_corrupt_source(saved: Path, tmp_path: Path) -> None:
+    """Found by fuzzing: torch's weights-only unpickler raised IndexError ("pop from empty list")."""
+    path = tmp_path / "damaged"
+    shutil.copytree(saved, path)
+    with open(path / ".metadata", "rb") as f:
+        meta = pickle.load(f)
+    info = next(v for k, v in meta.storage_data.items() if k.fqn == "n")
+    data = bytearray((path / info.relative_path).read_bytes())
+    start = data.index(b"\x80\x02", info.offset)  # the value's pickle inside the torch.save record
+    data[start + 2 : start + 3] = b"a"  # APPEND with an empty stack
+    (path / info.relative_path).write_bytes(bytes(data))
+    with pytest.raises(CorruptSourceError, match="'n'"):
+        convert(path, tmp_path / "out.ckpt")
