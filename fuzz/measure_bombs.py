@@ -20,12 +20,14 @@ import time
 import zipfile
 
 CHILD = """
-import sys, ckptfmt.convert
+import sys, time, ckptfmt.convert
+t = time.perf_counter()
 try:
     ckptfmt.convert.convert(sys.argv[1], sys.argv[2])
-    print("ok")
+    print("ok", ckptfmt.__file__)
 except Exception as e:
-    print(type(e).__name__)
+    print(type(e).__name__, ckptfmt.__file__)
+print(time.perf_counter() - t)
 """
 
 
@@ -58,7 +60,7 @@ def measure(src: str, code: str | None, timeout: float) -> dict[str, object]:
     t = time.perf_counter()
     with tempfile.TemporaryFile("w+") as out:
         proc = subprocess.Popen([sys.executable, "-c", CHILD, src, src + ".ckpt"], stdout=out,
-                                stderr=subprocess.DEVNULL, env=env)
+                                stderr=subprocess.DEVNULL, env=env, cwd=os.path.dirname(src))
         timer = threading.Timer(timeout, proc.kill)
         timer.start()
         _, status, usage = os.wait4(proc.pid, 0)
@@ -67,10 +69,15 @@ def measure(src: str, code: str | None, timeout: float) -> dict[str, object]:
         out.seek(0)
         text = out.read().strip()
     wall = time.perf_counter() - t
-    outcome = text.splitlines()[-1] if text else (f"killed after {timeout:.0f} s" if proc.returncode < 0
-                                                  else f"exit {proc.returncode}")
-    return {"input_bytes": os.path.getsize(src), "outcome": outcome, "seconds": round(wall, 2),
-            "peak_rss_mb": round(usage.ru_maxrss / 1024, 1)}
+    lines = text.splitlines()
+    if len(lines) >= 2:
+        outcome, package = lines[-2].split(" ", 1)
+        convert_s: float | None = round(float(lines[-1]), 2)
+    else:
+        outcome = f"killed after {timeout:.0f} s" if proc.returncode < 0 else f"exit {proc.returncode}"
+        package, convert_s = "", None
+    return {"input_bytes": os.path.getsize(src), "outcome": outcome, "convert_seconds": convert_s,
+            "process_seconds": round(wall, 2), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1), "package": package}
 
 
 def main() -> None:
