@@ -22,11 +22,27 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Any
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+TARGETS = ("safetensors", "npz", "hdf5", "dcp")
+ct: Any = None  # convert_targets, imported by main() (under atheris' instrumentation there)
 
-import convert_targets as ct  # noqa: E402
+
+def _load_targets(instrument: bool = False) -> None:
+    global ct
+    if instrument:
+        import atheris
+
+        with atheris.instrument_imports(include=["ckptfmt"]):
+            import ckptfmt.convert._dcp
+            import ckptfmt.convert._hdf5
+            import ckptfmt.convert._numpy
+            import ckptfmt.convert._safetensors  # noqa: F401
+    import convert_targets
+
+    ct = convert_targets
 
 
 class _Hang(Exception):
@@ -143,7 +159,7 @@ def run_atheris(args: argparse.Namespace) -> int:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("target", choices=ct.TARGETS)
+    p.add_argument("target", choices=TARGETS)
     p.add_argument("--seconds", type=float, default=60)
     p.add_argument("--engine", choices=("random", "atheris"), default="random")
     p.add_argument("--seed", type=int, default=0)
@@ -152,16 +168,18 @@ def main() -> int:
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--state", help=argparse.SUPPRESS)
     args = p.parse_args()
-    if args.child:
-        child(args.target, args.seconds, args.seed, args.timeout, args.memory_mb, args.state)
-        return 0
-    if args.engine == "atheris":
+    if args.engine == "atheris" and not args.child:
         try:
             import atheris  # noqa: F401
         except ImportError:
             print("atheris is not installed; using the random engine", file=sys.stderr)
         else:
+            _load_targets(instrument=True)
             return run_atheris(args)
+    _load_targets()
+    if args.child:
+        child(args.target, args.seconds, args.seed, args.timeout, args.memory_mb, args.state)
+        return 0
     return supervise(args)
 
 
