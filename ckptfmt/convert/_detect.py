@@ -85,7 +85,7 @@ def _detect_zip(p: str) -> str:
     try:
         with zipfile.ZipFile(p) as zf:
             names = zf.namelist()
-    except (zipfile.BadZipFile, OSError, EOFError) as e:
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError) as e:
         raise CorruptSourceError(p, f"a zip archive (torch.save or .npz) that cannot be read, truncated or "
                                     f"corrupt ({e})") from None
     if any(n == "data.pkl" or n.endswith("/data.pkl") for n in names):

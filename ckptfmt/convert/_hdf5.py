@@ -29,13 +29,20 @@ from .._dtypes import DTYPES, DType, from_numpy, numpy_dtype
 from .._keypath import join
 from .._manifest import TensorRef, ViewRef
 from .._reader import Checkpoint
-from ..errors import MissingDependencyError, UnsupportedDTypeError, UnsupportedObjectError, UnsupportedVersionError
-from ._errors import CorruptSourceError
+from ..errors import (
+    CheckpointError,
+    MissingDependencyError,
+    UnsupportedDTypeError,
+    UnsupportedObjectError,
+    UnsupportedVersionError,
+)
+from ._errors import CorruptSourceError, UnsupportedSourceError
 from ._lazy import LazyArray
 
 __all__ = [
     "FORMAT_NAME",
     "FORMAT_VERSION",
+    "DEFAULT_MAX_FILL",
     "DatasetArray",
     "METADATA_GROUP",
     "escape_name",
@@ -76,6 +83,13 @@ _STORAGE: dict[str, np.dtype] = {name: np.dtype("<u2" if d.itemsize == 2 else "u
 _SLAB = 64 << 20
 _LITTLE = sys.byteorder == "little"
 _ESCAPED = re.compile(r"~(.)?")
+#: bytes of fill value (dataset storage never written) an import produces, beyond the file's own size
+DEFAULT_MAX_FILL = 64 << 20
+#: filters built into every HDF5 library (deflate, shuffle, fletcher32, szip, nbit, scaleoffset) and
+#: h5py's lzf; any other would make HDF5 search for and load a plugin: code from outside the file
+_BUILTIN_FILTERS = frozenset({1, 2, 3, 4, 5, 6, 32000})
+#: soft links followed in one lookup, so that a loop of them ends
+_MAX_SOFT_HOPS = 32
 
 
 def _h5py() -> Any:
@@ -354,7 +368,8 @@ def _write_slabs(ds: Any, arr: np.ndarray, index: tuple[int, ...]) -> None:
 # ------------------------------------------------------------------ import
 
 
-def read_hdf5(path: str | os.PathLike[str], *, lazy: bool = True) -> tuple[Any, dict[str, Any]]:
+def read_hdf5(path: str | os.PathLike[str], *, lazy: bool = True,
+              max_fill_bytes: int | None = None) -> tuple[Any, dict[str, Any]]:
     """``(tree, user_metadata)`` of any HDF5 file, ready for ``ckptfmt.save(dst, tree, metadata=...)``.
 
     A file written by :func:`export_hdf5` gives back the exported tree exactly (key types, tuples,
@@ -365,6 +380,13 @@ def read_hdf5(path: str | os.PathLike[str], *, lazy: bool = True) -> tuple[Any, 
     With ``lazy`` (the default) non-empty numeric datasets come back as :class:`DatasetArray`
     leaves that read the file when saved (the file stays open while one of them lives); otherwise
     as numpy arrays read now.
+
+    The import never opens another file and never loads a filter plugin (spec/HDF5.md §9.1):
+    external links, datasets stored in external files, virtual datasets and filters that are not
+    built into HDF5 are refused (:class:`UnsupportedSourceError`). ``max_fill_bytes`` caps the bytes
+    of dataset storage that was never written, which HDF5 reads as the fill value, over the whole
+    import (default: :data:`DEFAULT_MAX_FILL` plus the file's size), so a small file cannot expand
+    without bound.
     """
     h5py = _h5py()
     p = os.fspath(path)
@@ -376,15 +398,24 @@ def read_hdf5(path: str | os.PathLike[str], *, lazy: bool = True) -> tuple[Any, 
         if os.path.isfile(p):
             raise CorruptSourceError(p, f"not a readable HDF5 file ({e})") from e
         raise
-    reader = _Reader(h5py, f, p, lazy)
+    fill = DEFAULT_MAX_FILL + os.path.getsize(p) if max_fill_bytes is None else int(max_fill_bytes)
+    reader = _Reader(h5py, f, p, lazy, fill)
     try:
         fmt = f.attrs.get(A_FORMAT)
+        reader.enter(f, "/", set())
         if fmt is None:
-            return reader.foreign_group(f, []), reader.meta
+            return reader.foreign_group(f, "/", set()), reader.meta
         return reader.own(fmt)
+    except CheckpointError:
+        raise
+    except (OSError, RuntimeError, KeyError, ValueError, TypeError, IndexError) as e:
+        raise CorruptSourceError(p, f"{reader.at}: HDF5 cannot read it ({type(e).__name__}: {e})") from None
     finally:
         if not reader.keep_open:
             f.close()
+
+
+_MISSING = object()
 
 
 def _text(value: Any) -> Any:
@@ -392,7 +423,7 @@ def _text(value: Any) -> Any:
 
 
 class _Reader:
-    def __init__(self, h5py: Any, f: Any, path: str, lazy: bool) -> None:
+    def __init__(self, h5py: Any, f: Any, path: str, lazy: bool, fill: int) -> None:
         self.h5py = h5py
         self.f = f
         self.path = path
@@ -400,9 +431,108 @@ class _Reader:
         self.keep_open = False
         self.meta: dict[str, Any] = {}
         self.made: dict[Any, Any] = {}  # HDF5 object id -> value, so hard links give one object
+        self.groups: dict[Any, str] = {}  # HDF5 group id -> the path it was first reached by
+        self.fill_cap = self.fill_left = fill
+        self.at = "/"  # the object being read, for errors HDF5 raises
 
     def bad(self, where: str, message: str) -> CorruptSourceError:
         return CorruptSourceError(self.path, f"{where}: {message}")
+
+    def refuse(self, where: str, message: str) -> UnsupportedSourceError:
+        return UnsupportedSourceError(self.path, f"{where}: {message}")
+
+    # -- links, resolved one name at a time so that no lookup ever leaves the file
+    def child(self, g: Any, name: str, where: str) -> Any:
+        """The group or dataset the link ``name`` of ``g`` names; None for a dangling soft link or a datatype."""
+        self.at = where
+        oid = self.lookup(g.id, name.encode("utf-8", "surrogateescape"), where, [0])
+        return None if oid is None else self.wrap(oid)
+
+    def wrap(self, oid: Any) -> Any:
+        h5py = self.h5py
+        if isinstance(oid, h5py.h5g.GroupID):
+            return h5py.Group(oid)
+        if isinstance(oid, h5py.h5d.DatasetID):
+            return h5py.Dataset(oid)
+        return None  # a committed datatype
+
+    def lookup(self, gid: Any, name: bytes, where: str, hops: list[int]) -> Any:
+        """The low-level id of what link ``name`` of group ``gid`` names (None if nothing): hard and soft
+        links only; an external or user-defined link is refused, never followed."""
+        h5l = self.h5py.h5l
+        links = gid.links
+        if not links.exists(name):
+            return None
+        info = links.get_info(name)
+        if info.type == h5l.TYPE_HARD:
+            return self.h5py.h5o.open(gid, name)
+        if info.type == h5l.TYPE_SOFT:
+            hops[0] += 1
+            if hops[0] > _MAX_SOFT_HOPS:
+                raise self.bad(where, f"more than {_MAX_SOFT_HOPS} soft links to resolve one name (a loop of them?)")
+            target = links.get_val(name)
+            cur = self.h5py.h5g.open(self.f.id, b"/") if target.startswith(b"/") else gid
+            for part in target.split(b"/"):
+                if part in (b"", b"."):
+                    continue
+                if not isinstance(cur, self.h5py.h5g.GroupID):
+                    return None
+                cur = self.lookup(cur, part, where, hops)
+                if cur is None:
+                    return None
+            return cur
+        if info.type == h5l.TYPE_EXTERNAL:
+            file, obj = links.get_val(name)
+            raise self.refuse(where, f"an external link to {_text(obj)!r} in the file {_text(file)!r}; an HDF5 "
+                                     "import never opens another file (copy the data into this file with h5copy)")
+        raise self.refuse(where, f"a user-defined link (type {info.type}), which an import does not follow")
+
+    def enter(self, g: Any, where: str, stack: set[Any], *, export: bool = False) -> None:
+        """Record that group ``g`` is read at ``where``; a group reached by a second path is refused."""
+        first = self.groups.get(g.id)
+        if first is not None:
+            if g.id in stack:
+                raise self.bad(where, f"a link makes a cycle of groups (back to {first}); the file is not a tree")
+            make = self.bad if export else self.refuse
+            raise make(where, f"this group is also linked at {first}; a ckptfmt tree cannot hold one group at two "
+                              "places (a dataset can), so an import refuses it")
+        if len(stack) > 256:
+            raise self.bad(where, "groups nest deeper than 256")
+        self.groups[g.id] = where
+
+    def check_storage(self, ds: Any, where: str) -> None:
+        """Refuse data kept outside the file or behind a plugin; charge never-written storage to the fill cap."""
+        h5d = self.h5py.h5d
+        self.at = where
+        dcpl = ds.id.get_create_plist()
+        layout = dcpl.get_layout()
+        if layout == h5d.VIRTUAL:
+            raise self.refuse(where, "a virtual dataset (its data are mapped from other datasets, often in other "
+                                     "files); an HDF5 import never opens another file")
+        if dcpl.get_external_count():
+            raise self.refuse(where, f"the dataset's raw data are stored in the external file "
+                                     f"{_text(dcpl.get_external(0)[0])!r}; an HDF5 import never opens another file")
+        for i in range(dcpl.get_nfilters()):
+            code, _, _, label = dcpl.get_filter(i)
+            if code not in _BUILTIN_FILTERS:
+                raise self.refuse(where, f"the dataset uses the HDF5 filter {code} ({_text(label)!r}), which is not "
+                                         "built into HDF5: reading it would load a plugin")
+        if ds.shape is None:
+            return
+        nbytes = math.prod(ds.shape) * ds.dtype.itemsize
+        missing = 0
+        if layout == h5d.CHUNKED:
+            chunk = dcpl.get_chunk()
+            total = math.prod(-(-n // c) for n, c in zip(ds.shape, chunk, strict=True))
+            per = math.prod(chunk) * ds.dtype.itemsize
+            missing = min(nbytes, (total - ds.id.get_num_chunks()) * per)
+        elif layout == h5d.CONTIGUOUS:
+            missing = max(0, nbytes - ds.id.get_storage_size())
+        if missing > self.fill_left:
+            raise self.refuse(where, f"{missing} bytes of the dataset were never written (HDF5 reads them as the "
+                                     f"fill value), which takes the import over its cap of {self.fill_cap} bytes "
+                                     "of fill (max_fill_bytes= raises it)")
+        self.fill_left -= missing
 
     # -- our own exports
     def own(self, fmt: Any) -> tuple[Any, dict[str, Any]]:
@@ -415,19 +545,21 @@ class _Reader:
         if version != FORMAT_VERSION:
             raise UnsupportedVersionError(self.path, f"ckptfmt-hdf5 version {int(version)}; this reader reads "
                                                      f"version {FORMAT_VERSION} (upgrade ckptfmt)")
-        tree = self.container(f, tree=True, root=True)
+        tree = self.container(f, "/", tree=True, root=True)
         meta: dict[str, Any] = {}
-        if METADATA_GROUP in f:
-            g = f[METADATA_GROUP]
+        where = f"/{METADATA_GROUP}"
+        g = self.child(f, METADATA_GROUP, where)
+        if g is not None:
             if not isinstance(g, self.h5py.Group):
-                raise self.bad(g.name, "the metadata is not a group")
-            meta = self.container(g, tree=False)
+                raise self.bad(where, "the metadata is not a group")
+            self.enter(g, where, set(), export=True)
+            meta = self.container(g, where, tree=False)
             if type(meta) is not dict:
-                raise self.bad(g.name, "the metadata is not a dict")
+                raise self.bad(where, "the metadata is not a dict")
         return tree, meta
 
-    def container(self, g: Any, *, tree: bool, root: bool = False, depth: int = 0) -> Any:
-        where = g.name
+    def container(self, g: Any, where: str, *, tree: bool, root: bool = False, depth: int = 0) -> Any:
+        self.at = where
         if depth > 256:
             raise self.bad(where, "groups nest deeper than 256")
         kind = _text(g.attrs.get(A_KIND))
@@ -440,7 +572,7 @@ class _Reader:
             raw = _text(g.attrs.get(A_KEYS))
             try:
                 found = json.loads(raw) if isinstance(raw, str) else None
-            except ValueError:
+            except (ValueError, RecursionError):
                 found = None
             if type(found) is not list or any(type(k) not in (str, int) for k in found):
                 raise self.bad(where, f"attribute {A_KEYS} is not a JSON array of str and int keys")
@@ -454,7 +586,8 @@ class _Reader:
             raise self.bad(where, f"attribute {A_KIND} is {kind!r}, not dict, list or tuple")
         if len(names) != len(types):
             raise self.bad(where, f"{len(types)} member tags for {len(names)} members")
-        values = [self.member(g, name, tag, tree=tree, depth=depth) for name, tag in zip(names, types, strict=True)]
+        values = [self.member(g, where, name, tag, tree=tree, depth=depth)
+                  for name, tag in zip(names, types, strict=True)]
         if kind == "dict":
             return dict(zip(keys, values, strict=True))
         if kind == "list":
@@ -463,24 +596,26 @@ class _Reader:
             return tuple(values)
         return values[0]
 
-    def member(self, g: Any, name: str, tag: str, *, tree: bool, depth: int) -> Any:
+    def member(self, g: Any, parent: str, name: str, tag: str, *, tree: bool, depth: int) -> Any:
         h5py = self.h5py
-        where = f"{g.name.rstrip('/')}/{name}"
+        where = f"{parent.rstrip('/')}/{name}"
         if tag in _PLAIN_TAGS:
             if name not in g.attrs:
-                raise self.bad(g.name, f"attribute {name!r} is missing")
-            return self.plain(g.attrs[name], tag, f"{g.name} attribute {name!r}")
-        obj = g.get(name)
+                raise self.bad(parent, f"attribute {name!r} is missing")
+            return self.plain(g.attrs[name], tag, f"{parent} attribute {name!r}")
+        obj = self.child(g, name, where)
         if tag == T_GROUP:
             if not isinstance(obj, h5py.Group):
                 raise self.bad(where, "expected a group")
-            return self.container(obj, tree=tree, depth=depth + 1)
+            self.enter(obj, where, set(), export=True)
+            return self.container(obj, where, tree=tree, depth=depth + 1)
         if not isinstance(obj, h5py.Dataset):
             raise self.bad(where, "expected a dataset")
         key = (obj.id, tag)
-        hit = self.made.get(key)
-        if hit is None:
-            hit = self.own_dataset(obj, scalar=tag == T_SCALAR)
+        hit = self.made.get(key, _MISSING)
+        if hit is _MISSING:
+            self.check_storage(obj, where)
+            hit = self.own_dataset(obj, where, scalar=tag == T_SCALAR)
             self.made[key] = hit
         return hit
 
@@ -517,8 +652,7 @@ class _Reader:
             return v.tobytes()
         raise self.bad(where, f"expected bytes (a 1-D uint8 array), found {type(v).__name__}")
 
-    def own_dataset(self, ds: Any, *, scalar: bool) -> Any:
-        where = ds.name
+    def own_dataset(self, ds: Any, where: str, *, scalar: bool) -> Any:
         name = _text(ds.attrs.get(A_DTYPE))
         if not isinstance(name, str):
             raise self.bad(where, f"dataset has no {A_DTYPE} attribute")
@@ -551,10 +685,11 @@ class _Reader:
         if not self.lazy or ds.size == 0:
             return self.materialize(ds, dtype)
         self.keep_open = True
-        return DatasetArray(self.f, ds, dtype, _STORAGE[dtype.name])
+        return DatasetArray(self.f, ds, dtype, _STORAGE[dtype.name], path=self.path)
 
     # -- foreign files
-    def attrs(self, obj: Any) -> None:
+    def attrs(self, obj: Any, where: str) -> None:
+        self.at = where
         if len(obj.attrs) == 0:
             return
         out: dict[str, Any] = {}
@@ -564,13 +699,15 @@ class _Reader:
             except (OSError, TypeError, ValueError):  # a type h5py cannot read
                 continue
             out[name] = self.to_plain(value)
-        self.meta[obj.name] = out
+        self.meta[where] = out
 
     def to_plain(self, v: Any) -> Any:
         h5py = self.h5py
         if isinstance(v, h5py.Empty) or v is None:
             return None
-        if isinstance(v, (str, bool, int, float)):
+        if isinstance(v, str):
+            return str(v)  # np.str_ too
+        if isinstance(v, (bool, int, float)) and not isinstance(v, np.generic):  # np.float64 is a float
             return v
         if isinstance(v, (bytes, np.bytes_)):
             try:
@@ -602,33 +739,32 @@ class _Reader:
                 return None
         return repr(v)
 
-    def foreign_group(self, g: Any, stack: list[Any]) -> dict[str, Any]:
+    def foreign_group(self, g: Any, where: str, stack: set[Any]) -> dict[str, Any]:
+        """A group as a dict; each group is entered once (:meth:`enter`), so the walk is linear in the objects."""
         h5py = self.h5py
-        if g.id in stack:
-            raise self.bad(g.name, "a link makes a cycle of groups; the file is not a tree")
-        if len(stack) > 256:
-            raise self.bad(g.name, "groups nest deeper than 256")
-        self.attrs(g)
+        self.attrs(g, where)
         out: dict[str, Any] = {}
-        for name in g:
-            link = g.get(name, getlink=True)
-            if isinstance(link, h5py.ExternalLink):
-                continue  # never follow a link into another file
-            obj = g.get(name)
-            if obj is None:  # a dangling soft link
-                continue
+        stack.add(g.id)
+        for raw in g.id:  # link names (bytes), in h5py's order
+            name = raw.decode("utf-8", "surrogateescape")
+            at = f"{where.rstrip('/')}/{name}"
+            obj = self.child(g, name, at)
             if isinstance(obj, h5py.Group):
-                out[name] = self.foreign_group(obj, [*stack, g.id])
+                self.enter(obj, at, stack)
+                out[name] = self.foreign_group(obj, at, stack)
             elif isinstance(obj, h5py.Dataset):
-                hit = self.made.get(obj.id)
-                if hit is None:
-                    self.attrs(obj)
-                    hit = self.foreign_dataset(obj)
+                hit = self.made.get(obj.id, _MISSING)
+                if hit is _MISSING:
+                    self.attrs(obj, at)
+                    self.check_storage(obj, at)
+                    hit = self.foreign_dataset(obj, at)
                     self.made[obj.id] = hit
                 out[name] = hit
+            # None: a dangling soft link or a committed datatype, left out
+        stack.discard(g.id)
         return out
 
-    def foreign_dataset(self, ds: Any) -> Any:
+    def foreign_dataset(self, ds: Any, where: str) -> Any:
         h5py = self.h5py
         if ds.shape is None:
             return None
@@ -638,21 +774,21 @@ class _Reader:
             return self.to_plain(value.tolist() if isinstance(value, np.ndarray) else value)
         if dt.fields is not None:  # a compound that is not complex: a dict of its fields' arrays
             data = ds[()]
-            return {name: self.foreign_fields(np.asarray(data[name]), f"{ds.name}:{name}") for name in dt.fields}
+            return {name: self.foreign_fields(np.asarray(data[name]), f"{where}:{name}") for name in dt.fields}
         if dt.kind not in "biufc":
-            raise UnsupportedDTypeError(f"{self.path}: dataset {ds.name!r} has HDF5 type {dt}, which has no "
+            raise UnsupportedDTypeError(f"{self.path}: dataset {where!r} has HDF5 type {dt}, which has no "
                                         "ckptfmt equivalent")
         le = dt.newbyteorder("<") if dt.byteorder == ">" or (dt.byteorder == "=" and not _LITTLE) else dt
         try:
             dtype = from_numpy(np.dtype(le.str))
         except UnsupportedDTypeError:
-            raise UnsupportedDTypeError(f"{self.path}: dataset {ds.name!r} has numpy type {dt}, which has no "
+            raise UnsupportedDTypeError(f"{self.path}: dataset {where!r} has numpy type {dt}, which has no "
                                         f"ckptfmt equivalent") from None
         if not self.lazy or ds.size == 0:
             data = np.asarray(ds[()])
             return data.astype(numpy_dtype(dtype), copy=False)
         self.keep_open = True
-        return DatasetArray(self.f, ds, dtype, numpy_dtype(dtype))
+        return DatasetArray(self.f, ds, dtype, numpy_dtype(dtype), path=self.path)
 
     def foreign_fields(self, arr: np.ndarray, where: str) -> Any:
         if arr.dtype.fields is not None:
@@ -670,7 +806,8 @@ class DatasetArray(LazyArray):
     bfloat16, ...). Holds the open h5py file, so the file stays open as long as the array lives.
     """
 
-    def __init__(self, f: Any, ds: Any, dtype: DType, storage: np.dtype) -> None:
+    def __init__(self, f: Any, ds: Any, dtype: DType, storage: np.dtype, *, path: str = "") -> None:
+        self.path = path or f.filename
         self.dtype = dtype
         self.shape = tuple(int(n) for n in ds.shape)
         self.name = ds.name
@@ -683,7 +820,11 @@ class DatasetArray(LazyArray):
         size = self._storage.itemsize
         if offset % size or n % size:
             raise ValueError(f"unaligned read of {n} bytes at {offset} from a dataset of itemsize {size}")
-        data = _read_elements(self._ds, self.shape, offset // size, (offset + n) // size, ())
+        try:
+            data = _read_elements(self._ds, self.shape, offset // size, (offset + n) // size, ())
+        except (OSError, RuntimeError, KeyError, ValueError, TypeError, IndexError) as e:
+            raise CorruptSourceError(self.path, f"{self.name}: HDF5 cannot read bytes [{offset}, {offset + n}) "
+                                                f"({type(e).__name__}: {e})") from None
         if data.dtype != self._storage:
             data = data.astype(self._storage)
         return np.ascontiguousarray(data).reshape(-1).view(np.uint8)

@@ -3,12 +3,20 @@
 An ``.npy`` file and every stored (uncompressed) ``.npz`` member become a :class:`FileArray` over
 their bytes in the file; a compressed member is decompressed while it is written, a bounded piece at
 a time. Arrays of Python objects are pickles: refused unless ``allow_pickle``.
+
+Every size is checked before anything is allocated: the array a header declares must fit in its
+member, a member may declare no more bytes than its compression method can produce from its
+compressed size, and a member that is not NPY data is refused after its first six bytes.
 """
 
 from __future__ import annotations
 
+import math
 import struct
+import tempfile
+import tokenize
 import zipfile
+import zlib
 from collections.abc import Iterator
 from typing import IO, Any
 
@@ -24,6 +32,11 @@ __all__ = ["read_npy", "read_npz"]
 
 _NPY_MAGIC = b"\x93NUMPY"
 _LOCAL_HEADER = struct.Struct("<4s5H3I2H")  # zip local file header, 30 bytes
+#: deflate expands at most about 1032:1; a member declaring more than this is lying about its size
+_MAX_DEFLATE_RATIO = 1100
+_COMPRESSIONS = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED)
+#: what zipfile and zlib raise on a damaged archive (NotImplementedError: a zip feature it lacks)
+_ZIP_ERRORS = (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError, zlib.error)
 _PICKLE_HINT = ("its elements are Python objects, stored as a pickle, which can run code when loaded; pass "
                 "allow_pickle=True (UNSAFE: only for files you trust) to convert what the pickle holds")
 
@@ -40,8 +53,9 @@ def _header(f: IO[bytes], path: str, what: str) -> tuple[tuple[int, ...], bool, 
         else:
             raise UnsupportedSourceError(path, f"{what}: npy format version {version[0]}.{version[1]} is not "
                                                "supported (only 1.0 and 2.0)")
-    except (ValueError, SyntaxError, EOFError) as e:
-        raise CorruptSourceError(path, f"{what}: not a valid npy header ({e})") from None
+    except (ValueError, SyntaxError, EOFError, TypeError, RecursionError, tokenize.TokenError) as e:
+        # numpy parses the header with ast.literal_eval, and tokenize for headers of old numpy versions
+        raise CorruptSourceError(path, f"{what}: not a valid npy header ({type(e).__name__}: {e})") from None
     return tuple(shape), bool(fortran), dtype
 
 
@@ -78,7 +92,7 @@ def read_npz(path: str, *, allow_pickle: bool) -> dict[str, Any]:
     """``{key: array}`` of an ``.npz`` archive, in archive order (keys as ``numpy.load`` gives them)."""
     try:
         zf = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError, EOFError) as e:
+    except _ZIP_ERRORS as e:
         raise CorruptSourceError(path, f"not a readable zip archive ({e})") from None
     out: dict[str, Any] = {}
     with zf, open(path, "rb") as raw:
@@ -95,18 +109,31 @@ def read_npz(path: str, *, allow_pickle: bool) -> dict[str, Any]:
     return out
 
 
+def _check_sizes(info: zipfile.ZipInfo, path: str, what: str) -> None:
+    """Refuse a member whose declared sizes its compression method cannot produce."""
+    if info.compress_type not in _COMPRESSIONS:
+        raise UnsupportedSourceError(path, f"{what} is compressed with zip method {info.compress_type}; npz members "
+                                           "are stored or deflated (numpy.savez, numpy.savez_compressed)")
+    if info.compress_type == zipfile.ZIP_STORED and info.file_size != info.compress_size:
+        raise CorruptSourceError(path, f"{what} is stored, yet declares {info.file_size} bytes in "
+                                       f"{info.compress_size}")
+    if info.file_size > _MAX_DEFLATE_RATIO * info.compress_size + 1024:
+        raise CorruptSourceError(path, f"{what} declares {info.file_size} bytes, more than deflate can make of its "
+                                       f"{info.compress_size} compressed bytes")
+
+
 def _member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, raw: IO[bytes], size: int, path: str, key: str, *,
             allow_pickle: bool) -> Any:
     what = f"member {info.filename!r}"
+    _check_sizes(info, path, what)
     try:
         with zf.open(info) as m:
             head = m.read(len(_NPY_MAGIC))
-            if head != _NPY_MAGIC:  # numpy.load returns such members as their bytes
-                return head + m.read()
-    except CorruptSourceError:
-        raise
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+    except _ZIP_ERRORS as e:
         raise CorruptSourceError(path, f"{what}: {e}") from None
+    if head != _NPY_MAGIC:  # numpy.load would return the member's raw bytes, however large
+        raise UnsupportedSourceError(path, f"{what} is not NPY data (it starts with {head!r}); convert stores arrays, "
+                                           "not the raw bytes numpy.load gives for such a member")
     if info.compress_type == zipfile.ZIP_STORED:
         raw.seek(info.header_offset)
         local = raw.read(_LOCAL_HEADER.size)
@@ -124,8 +151,19 @@ def _member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, raw: IO[bytes], size: in
                 raise CorruptSourceError(path, f"{what}: the array is larger than the member")
             return arr
     else:
-        with zf.open(info) as m:
-            shape, fortran, dtype = _header(m, path, what)
+        try:
+            with zf.open(info) as m:
+                shape, fortran, dtype = _header(m, path, what)
+                start = m.tell()
+        except CorruptSourceError:
+            raise
+        except _ZIP_ERRORS as e:
+            raise CorruptSourceError(path, f"{what}: {e}") from None
+        if not dtype.hasobject:
+            nbytes = math.prod(shape) * dtype.itemsize
+            if start + nbytes > info.file_size:
+                raise CorruptSourceError(path, f"{what}: the header declares an array of {nbytes} bytes at byte "
+                                               f"{start}, but the member holds {info.file_size}")
     if dtype.hasobject:
         if not allow_pickle:
             raise UnsafePickleError(path, f"{what} has dtype object: {_PICKLE_HINT}")
@@ -135,7 +173,7 @@ def _member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, raw: IO[bytes], size: in
 
 
 class ZipMemberArray(LazyArray):
-    """A compressed ``.npz`` member, decompressed while it is written."""
+    """A compressed ``.npz`` member, decompressed while it is written, a bounded piece at a time."""
 
     def __init__(self, path: str, member: str, dtype: DType, shape: tuple[int, ...], numpy_dtype: np.dtype,
                  fortran_order: bool) -> None:
@@ -147,18 +185,15 @@ class ZipMemberArray(LazyArray):
         self.fortran_order = fortran_order and len(self.shape) > 1
 
     def chunks(self, limit: int) -> Iterator[np.ndarray]:
-        """Decompress ``limit`` bytes at a time (whole, for a Fortran-order array)."""
+        """Decompress ``limit`` bytes at a time (through a temporary file, for a Fortran-order array)."""
         what = f"member {self.member!r}"
+        if self.nbytes == 0:
+            return
         try:
             with zipfile.ZipFile(self.path) as zf, zf.open(self.member) as m:
                 _header(m, self.path, what)
-                if self.fortran_order:  # C order needs all of it: one array at a time
-                    data = m.read(self.nbytes)
-                    if len(data) != self.nbytes:
-                        raise CorruptSourceError(self.path, f"{what}: the member ends before the array does")
-                    arr = np.frombuffer(data, dtype=self.numpy_dtype).reshape(self.shape, order="F")
-                    yield from contiguous_chunks(arr, limit)
-                    m.read()
+                if self.fortran_order:
+                    yield from self._fortran(m, limit, what)
                     return
                 step = max(self.itemsize, limit - limit % self.itemsize)
                 swap = self.numpy_dtype.itemsize > 1 and self.numpy_dtype.byteorder == ">"
@@ -173,8 +208,33 @@ class ZipMemberArray(LazyArray):
                             self.numpy_dtype.newbyteorder("<")).view(np.uint8)
                     else:
                         yield np.frombuffer(data, dtype=np.uint8)
-                m.read()  # to the end: zipfile checks the CRC there
+                _drain(m, limit)
         except CorruptSourceError:
             raise
-        except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+        except _ZIP_ERRORS as e:
             raise CorruptSourceError(self.path, f"{what}: {e}") from None
+
+    def _fortran(self, m: IO[bytes], limit: int, what: str) -> Iterator[np.ndarray]:
+        """C order needs the whole member: decompress it into an unnamed temporary file a piece at a
+        time, then reorder from a read-only map of it (page cache, not process memory)."""
+        with tempfile.TemporaryFile(prefix="ckptfmt-npz-") as tmp:
+            left = self.nbytes
+            while left:
+                data = m.read(min(limit, left))
+                if not data:
+                    raise CorruptSourceError(self.path, f"{what}: the member ends before the array does")
+                tmp.write(data)
+                left -= len(data)
+            _drain(m, limit)
+            tmp.flush()
+            arr = np.memmap(tmp, dtype=self.numpy_dtype, mode="r", shape=self.shape, order="F")
+            try:
+                yield from contiguous_chunks(arr, limit)
+            finally:
+                del arr
+
+
+def _drain(m: IO[bytes], limit: int) -> None:
+    """Read ``m`` to its end a bounded piece at a time: zipfile checks the CRC there."""
+    while m.read(limit):
+        pass

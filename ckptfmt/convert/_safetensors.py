@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import struct
 from typing import Any
 
@@ -30,6 +31,38 @@ ST_DTYPES = {
 MAX_HEADER = 100_000_000
 MAX_INDEX = 64 << 20
 INDEX_SUFFIX = ".safetensors.index.json"
+#: JSON nesting a header or index may have; a safetensors header needs 3 (a deeper one is an attack on the parser)
+MAX_DEPTH = 64
+#: a JSON string, or one bracket outside strings
+_JSON_TOKENS = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{}]')
+
+
+def parse_json(raw: bytes, path: str, what: str) -> Any:
+    """``json.loads`` of untrusted bytes: nesting checked first (no RecursionError), duplicate keys refused."""
+    depth = 0
+    for m in _JSON_TOKENS.finditer(raw):
+        c = raw[m.start()]
+        if c in b"[{":
+            depth += 1
+            if depth > MAX_DEPTH:
+                raise CorruptSourceError(path, f"{what}: JSON nested deeper than {MAX_DEPTH} at byte {m.start()}")
+        elif c in b"]}":
+            depth -= 1
+
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, v in items:
+            if k in out:
+                raise CorruptSourceError(path, f"{what}: the key {k!r} appears twice in one object")
+            out[k] = v
+        return out
+
+    try:
+        return json.loads(raw, object_pairs_hook=pairs)
+    except CorruptSourceError:
+        raise
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise CorruptSourceError(path, f"{what}: not valid JSON ({type(e).__name__}: {e})") from None
 
 
 def sniff_header(head: bytes, file_size: int) -> bool:
@@ -55,17 +88,19 @@ def _header(path: str) -> tuple[dict[str, Any], int, int]:
             raise CorruptSourceError(path, f"safetensors: the header needs {n} bytes but the file ends at {size} "
                                            "(truncated?)")
         raw = f.read(n)
-    try:
-        header = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise CorruptSourceError(path, f"safetensors: the header is not valid JSON ({e})") from None
+    header = parse_json(raw, path, "safetensors header")
     if not isinstance(header, dict):
         raise CorruptSourceError(path, "safetensors: the header is not a JSON object")
     return header, 8 + n, size
 
 
 def read_safetensors(path: str) -> tuple[dict[str, FileArray], dict[str, Any]]:
-    """``({name: tensor}, __metadata__)`` of one file; tensors in the order of their bytes in the file."""
+    """``({name: tensor}, __metadata__)`` of one file; tensors in the order of their bytes in the file.
+
+    The header is held to the safetensors library's own rules (``Metadata::validate``): every entry's
+    ``data_offsets`` span exactly the dtype size times the element count, and the entries, sorted by offset, tile the
+    data region from its first byte to the end of the file with no gap and no overlap.
+    """
     header, start, size = _header(path)
     meta = header.pop("__metadata__", None) or {}
     if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
@@ -76,12 +111,12 @@ def read_safetensors(path: str) -> tuple[dict[str, FileArray], dict[str, Any]]:
         if not isinstance(info, dict):
             raise CorruptSourceError(path, f"{what}: entry is not an object")
         code, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-        if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
+        if not (isinstance(shape, list) and all(type(d) is int and 0 <= d < 1 << 63 for d in shape)):
             raise CorruptSourceError(path, f"{what}: bad shape {shape!r}")
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
                 and 0 <= offsets[0] <= offsets[1]):
             raise CorruptSourceError(path, f"{what}: bad data_offsets {offsets!r}")
-        if code not in ST_DTYPES:
+        if not isinstance(code, str) or code not in ST_DTYPES:
             raise UnsupportedDTypeError(f"{path}: {what} has dtype {code!r}, which ckptfmt cannot store; "
                                         f"supported: {sorted(ST_DTYPES)}")
         dtype = DTYPES[ST_DTYPES[code]]
@@ -92,10 +127,20 @@ def read_safetensors(path: str) -> tuple[dict[str, FileArray], dict[str, Any]]:
         if start + offsets[1] > size:
             raise CorruptSourceError(path, f"{what}: its bytes end at {start + offsets[1]} but the file has "
                                            f"{size} bytes (truncated?)")
-        entries.append((offsets[0], name, dtype, tuple(shape)))
-    entries.sort(key=lambda e: e[0])
+        entries.append((offsets[0], offsets[1], name, dtype, tuple(shape)))
+    entries.sort(key=lambda e: (e[0], e[1]))
+    end = 0
+    for first, last, name, _, _ in entries:
+        if first != end:
+            raise CorruptSourceError(path, f"safetensors: tensor {name!r}: data_offsets [{first}, {last}] "
+                                           + (f"overlap the tensor before it (which ends at {end})" if first < end
+                                              else f"leave the bytes [{end}, {first}) of the data unused"))
+        end = last
+    if start + end != size:
+        raise CorruptSourceError(path, f"safetensors: the tensors cover {end} bytes of data, the file holds "
+                                       f"{size - start} after its header; the safetensors library refuses such a file")
     tensors = {name: FileArray(path, start + off, dtype, shape, name=name, file_size=size)
-               for off, name, dtype, shape in entries}
+               for off, _, name, dtype, shape in entries}
     return tensors, dict(meta)
 
 
@@ -104,10 +149,7 @@ def _read_index(path: str) -> dict[str, Any]:
     if size > MAX_INDEX:
         raise CorruptSourceError(path, f"index file of {size} bytes is over the cap of {MAX_INDEX}")
     with open(path, "rb") as f:
-        try:
-            index = json.loads(f.read())
-        except (ValueError, UnicodeDecodeError) as e:
-            raise CorruptSourceError(path, f"safetensors index: not valid JSON ({e})") from None
+        index = parse_json(f.read(), path, "safetensors index")
     if not isinstance(index, dict) or not isinstance(index.get("weight_map"), dict):
         raise CorruptSourceError(path, "safetensors index: no \"weight_map\" object")
     return index
