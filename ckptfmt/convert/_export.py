@@ -8,6 +8,9 @@ how to flatten the tree (safetensors' ``flatten``).
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import io
 import json
 import math
 import os
@@ -25,7 +28,7 @@ from .._manifest import ViewRef, tensor_ref
 from .._reader import Checkpoint, map_tree
 from .._writer import contiguous_chunks
 from ..errors import MissingDependencyError, UnsupportedObjectError
-from ._errors import ConversionError
+from ._errors import ConversionError, DiskFullError
 from ._hdf5 import export_hdf5
 
 __all__ = ["EXPORT_FORMATS", "ExportError", "export", "export_safetensors", "export_torch"]
@@ -77,6 +80,53 @@ def export(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, to: str,
         export_safetensors(src, dst, flatten=flatten)
     else:
         export_torch(src, dst)
+
+
+# ------------------------------------------------------------------ writing the target
+
+
+class _FdWriter(io.RawIOBase):
+    """A write-only raw file object over a file descriptor that remembers the OSError that stopped it.
+
+    ``torch.save`` swallows its file object's exceptions and reports a bare ``RuntimeError`` ("unexpected
+    pos ..."); the error kept here says what really happened (a full disk).
+    """
+
+    def __init__(self, fd: int) -> None:
+        super().__init__()
+        self.fd = fd
+        self.error: OSError | None = None
+
+    def writable(self) -> bool:
+        """Always."""
+        return True
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        done = 0
+        try:
+            while done < len(view):
+                done += os.write(self.fd, view[done:])
+        except OSError as e:
+            self.error = e
+            raise
+        return done
+
+
+@contextlib.contextmanager
+def _target(dst: str, what: str) -> Iterator[_FdWriter]:
+    """An unbuffered writer on a temporary that replaces ``dst`` on success; a full disk as :class:`DiskFullError`."""
+    writer: _FdWriter | None = None
+    try:
+        with atomic_write(dst) as fd:
+            writer = _FdWriter(fd)
+            yield writer
+    except Exception as e:
+        err = writer.error if writer is not None and writer.error is not None else e
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DiskFullError(dst, f"the disk is full ({err.strerror}) while writing the {what} export; "
+                                     "nothing was replaced: free space and export again") from e
+        raise
 
 
 # ------------------------------------------------------------------ walking a decoded tree
@@ -204,7 +254,7 @@ def export_safetensors(src: str | os.PathLike[str], dst: str | os.PathLike[str],
         head = json.dumps(header, separators=(",", ":")).encode("utf-8")
         head += b" " * (-len(head) % 8)  # the data starts 8-byte aligned, as safetensors' own writer does
         array = _array_reader(ckpt)
-        with atomic_write(os.fspath(dst)) as fd, open(fd, "wb", closefd=False, buffering=1 << 20) as fh:
+        with _target(os.fspath(dst), "safetensors") as raw, io.BufferedWriter(raw, 1 << 20) as fh:
             fh.write(struct.pack("<Q", len(head)))
             fh.write(head)
             for _, kind, index, _, _ in entries:
@@ -281,5 +331,5 @@ def export_torch(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> No
             return hit
 
         tree = map_tree(ckpt.manifest.tree, leaf, ())
-        with atomic_write(os.fspath(dst)) as fd, open(fd, "wb", closefd=False) as fh:
+        with _target(os.fspath(dst), "torch") as fh:
             torch.save(tree, fh)
