@@ -61,7 +61,7 @@ def _read(fmt: str, src: str, *, allow_pickle: bool) -> tuple[Any, dict[str, Any
     if fmt in ("torch-zip", "torch-legacy"):
         from ._torch import load_torch
 
-        return load_torch(src, fmt, allow_pickle=allow_pickle), {}
+        return load_torch(src, fmt, allow_pickle=allow_pickle)
     if fmt == "safetensors":
         from ._safetensors import read_safetensors
 

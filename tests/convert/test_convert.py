@@ -138,8 +138,10 @@ def test_torch_training_checkpoint(tmp_path: Path, legacy: bool) -> None:
     assert report.tensors == n
     assert report.bytes == sum(t.nbytes for t in _tensors(want))
     assert report.file_size == os.path.getsize(tmp_path / "out.ckpt")
+    versions = {k: dict(v) for k, v in want["model"]._metadata.items()}  # OrderedDict._metadata: module versions
     assert ckptfmt.open(tmp_path / "out.ckpt").metadata == {
-        "converted_from": {"format": report.source_format, "path": "checkpoint.ckpt.pt"}}
+        "converted_from": {"format": report.source_format, "path": "checkpoint.ckpt.pt"},
+        "torch_state_dict_metadata": {"model": versions}}
 
 
 def _tensors(tree: Any) -> Any:
@@ -203,10 +205,12 @@ def test_allow_pickle_converts_what_ckptfmt_holds(tmp_path: Path) -> None:
     import ckptfmt.torch
 
     src = tmp_path / "rng.pt"
-    state = {"w": torch.ones(2), "np": np.arange(4, dtype=np.int32)}  # numpy arrays are not weights_only-safe
+    state = {"w": torch.ones(2), "np": np.arange(4, dtype=np.int32), "obj": Custom(1)}
     torch.save(state, src)
-    with pytest.raises(UnsafePickleError, match="numpy"):
+    with pytest.raises(UnsafePickleError, match="Custom"):
         convert(src, tmp_path / "out.ckpt")
+    del state["obj"]
+    torch.save(state, src)
     convert(src, tmp_path / "out.ckpt", allow_pickle=True)
     got = ckptfmt.load(tmp_path / "out.ckpt")
     assert_trees_equal(got["np"], state["np"])
