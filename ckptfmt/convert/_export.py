@@ -332,4 +332,4 @@ def export_torch(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> No
 
         tree = map_tree(ckpt.manifest.tree, leaf, ())
         with _target(os.fspath(dst), "torch") as fh:
-            torch.save(tree, fh)
+            torch.save(tree, fh)  # type: ignore[arg-type]  # any object with write() will do

@@ -24,12 +24,15 @@ class Stub:
     """An instance of a global the skeleton unpickler stood in for; records how the pickle built it."""
 
     global_name = ""
+    args: tuple[Any, ...]
+    items: list[tuple[Any, Any]]
+    state: Any
 
     def __new__(cls, *args: Any, **kwargs: Any) -> Stub:
         self = object.__new__(cls)
         self.args = args
-        self.items: list[tuple[Any, Any]] = []
-        self.state: Any = None
+        self.items = []
+        self.state = None
         return self
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:

@@ -101,7 +101,8 @@ def _refusal(path: str, e: BaseException) -> UnsafePickleError:
                                        f"does not allow; {_UNSAFE_HINT}", globals=names)
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     at = next((i for i, line in enumerate(lines) if "WeightsUnpickler error" in line), None)
-    detail = text.strip() if at is None else " ".join(lines[at : at + 2]).partition("WeightsUnpickler error:")[2].strip()
+    detail = text.strip() if at is None else \
+        " ".join(lines[at : at + 2]).partition("WeightsUnpickler error:")[2].strip()
     return UnsafePickleError(path, f"torch.load(weights_only=True) refused the file ({detail}); {_UNSAFE_HINT}")
 
 
