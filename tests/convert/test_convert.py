@@ -366,7 +366,8 @@ def test_safetensors_sharded(tmp_path: Path) -> None:
         assert list(got) == order and sorted(order) == sorted(tensors)
         assert ckptfmt.open(tmp_path / "out.ckpt").metadata == {
             "format": "pt", "total_size": sum(t.nbytes for t in tensors.values()),
-            "converted_from": {"format": "safetensors-sharded", "path": os.path.basename(src)}}
+            "converted_from": {"format": "safetensors-sharded", "path": os.path.basename(src)},
+            "hf_files": {"config.json": {}}}  # the model directory's side files
 
 
 def test_safetensors_sharded_inconsistent(tmp_path: Path) -> None:
