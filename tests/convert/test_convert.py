@@ -8,7 +8,6 @@ import pickle
 import subprocess
 import sys
 import textwrap
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,6 @@ from convert_testlib import assert_same_tensor, assert_trees_equal, raw_bytes
 import ckptfmt
 import ckptfmt.convert
 from ckptfmt.convert import (
-    ConversionError,
     ConversionReport,
     CorruptSourceError,
     FileArray,
@@ -215,16 +213,6 @@ def test_allow_pickle_converts_what_ckptfmt_holds(tmp_path: Path) -> None:
     got = ckptfmt.load(tmp_path / "out.ckpt")
     assert_trees_equal(got["np"], state["np"])
     assert_same_tensor(ckptfmt.torch.load(tmp_path / "out.ckpt")["w"], state["w"], "w")
-
-
-def test_torchscript_refused(tmp_path: Path) -> None:
-    torch = pytest.importorskip("torch")
-    src = tmp_path / "scripted.pt"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit is deprecated, and still in the wild
-        torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(src))
-    with pytest.raises(ConversionError, match="TorchScript"):
-        convert(src, tmp_path / "out.ckpt")
 
 
 def test_callable_module_and_bad_destinations(tmp_path: Path) -> None:

@@ -23,7 +23,7 @@ from ckptfmt.convert import (
 
 
 def test_formats_listed() -> None:
-    assert FORMATS == ("ckptfmt", "torch-zip", "torch-legacy", "safetensors", "safetensors-sharded",
+    assert FORMATS == ("ckptfmt", "torch-zip", "torch-legacy", "torchscript", "safetensors", "safetensors-sharded",
                        "torch-sharded", "npy", "npz", "hdf5", "dcp")
 
 
