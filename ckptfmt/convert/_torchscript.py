@@ -3,10 +3,10 @@
 A TorchScript zip holds ``<name>/data.pkl`` (the module objects and their attributes), ``constants.pkl``
 (the tensors the code uses as constants), ``data/<key>`` and ``constants/<key>`` (their storages' bytes)
 and ``code/`` (the TorchScript source of each class). The pickles are replayed by an unpickler that
-builds only tensors (views of the archive's stored members, memory-mapped copy-on-write: nothing is read until written), containers and
-inert module stand-ins; every other global is refused. The code is never executed: only its
-``__parameters__ = [...]`` and ``__buffers__ = [...]`` lines are read, as literals, to tell which tensor
-attributes belong in the state dict.
+builds only tensors (views of the archive's stored members, memory-mapped copy-on-write: nothing is
+read until written), containers and inert module stand-ins; every other global is refused. The code
+is never executed: only its ``__parameters__ = [...]`` and ``__buffers__ = [...]`` lines are read, as
+literals, to tell which tensor attributes belong in the state dict.
 
 The tree is a flat dict keyed like ``torch.jit.load(path).state_dict()`` (per module: parameters,
 then buffers, then submodules, in attribute order), plus each constant ``i`` of ``constants.pkl`` at key
