@@ -62,6 +62,10 @@ def _read(fmt: str, src: str, *, allow_pickle: bool) -> tuple[Any, dict[str, Any
         from ._torch import load_torch
 
         return load_torch(src, fmt, allow_pickle=allow_pickle)
+    if fmt == "lightning":
+        from ._lightning import read_lightning
+
+        return read_lightning(src, "torch-zip", allow_pickle=allow_pickle)
     if fmt == "torchscript":
         from ._torchscript import read_torchscript
 

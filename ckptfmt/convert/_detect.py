@@ -12,14 +12,15 @@ from ..errors import CheckpointNotFoundError
 from ._dcp import METADATA_FILE, is_dcp_dir
 from ._errors import CorruptSourceError, UnknownFormatError
 from ._hfdir import TORCH_WEIGHTS, index_shard_format, is_torch_dir
+from ._lightning import is_lightning
 from ._safetensors import INDEX_SUFFIX, find_index, sniff_header
 from ._torchscript import is_torchscript
 
 __all__ = ["FORMATS", "detect"]
 
 #: every format :func:`detect` can return, i.e. every source ``convert`` reads
-FORMATS = ("ckptfmt", "torch-zip", "torch-legacy", "torchscript", "safetensors", "safetensors-sharded", "torch-sharded",
-           "npy", "npz", "hdf5", "dcp")
+FORMATS = ("ckptfmt", "torch-zip", "torch-legacy", "torchscript", "lightning", "safetensors", "safetensors-sharded",
+           "torch-sharded", "npy", "npz", "hdf5", "dcp")
 
 _NPY = b"\x93NUMPY"
 _HDF5 = b"\x89HDF\r\n\x1a\n"
@@ -96,13 +97,14 @@ def _detect_zip(p: str) -> str:
     try:
         with zipfile.ZipFile(p) as zf:
             names = zf.namelist()
+            lightning = is_lightning(p, zf)
     except (zipfile.BadZipFile, OSError, EOFError) as e:
         raise CorruptSourceError(p, f"a zip archive (torch.save or .npz) that cannot be read, truncated or "
                                     f"corrupt ({e})") from None
     if is_torchscript(names):
         return "torchscript"
     if any(n == "data.pkl" or n.endswith("/data.pkl") for n in names):
-        return "torch-zip"
+        return "lightning" if lightning else "torch-zip"
     if all(n.endswith(".npy") for n in names):  # numpy.savez names every member so (none: an empty savez)
         return "npz"
     raise UnknownFormatError(p, "a zip archive that is neither a torch.save file (no data.pkl) nor an .npz")
