@@ -20,7 +20,7 @@ __all__ = ["FORMATS", "detect"]
 
 #: every format :func:`detect` can return, i.e. every source ``convert`` reads
 FORMATS = ("ckptfmt", "torch-zip", "torch-legacy", "torchscript", "lightning", "safetensors", "safetensors-sharded",
-           "torch-sharded", "npy", "npz", "hdf5", "dcp")
+           "torch-sharded", "npy", "npz", "hdf5", "dcp", "gguf")
 
 _NPY = b"\x93NUMPY"
 _HDF5 = b"\x89HDF\r\n\x1a\n"
@@ -55,6 +55,8 @@ def detect(path: str | os.PathLike[str]) -> str:
         return "ckptfmt"
     if head.startswith(_NPY):
         return "npy"
+    if head.startswith(b"GGUF"):
+        return "gguf"
     if head.startswith(_ZIP):
         return _detect_zip(p)
     if _is_hdf5(p, head, size):
