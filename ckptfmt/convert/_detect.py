@@ -12,6 +12,7 @@ from ..errors import CheckpointNotFoundError
 from ._dcp import METADATA_FILE, is_dcp_dir
 from ._errors import CorruptSourceError, UnknownFormatError
 from ._hfdir import TORCH_WEIGHTS, index_shard_format, is_torch_dir
+from ._keras import is_keras
 from ._lightning import is_lightning
 from ._safetensors import INDEX_SUFFIX, find_index, sniff_header
 from ._torchscript import is_torchscript
@@ -20,7 +21,7 @@ __all__ = ["FORMATS", "detect"]
 
 #: every format :func:`detect` can return, i.e. every source ``convert`` reads
 FORMATS = ("ckptfmt", "torch-zip", "torch-legacy", "torchscript", "lightning", "safetensors", "safetensors-sharded",
-           "torch-sharded", "npy", "npz", "hdf5", "dcp", "gguf")
+           "torch-sharded", "npy", "npz", "hdf5", "dcp", "gguf", "keras")
 
 _NPY = b"\x93NUMPY"
 _HDF5 = b"\x89HDF\r\n\x1a\n"
@@ -105,6 +106,8 @@ def _detect_zip(p: str) -> str:
                                     f"corrupt ({e})") from None
     if is_torchscript(names):
         return "torchscript"
+    if is_keras(names):
+        return "keras"
     if any(n == "data.pkl" or n.endswith("/data.pkl") for n in names):
         return "lightning" if lightning else "torch-zip"
     if all(n.endswith(".npy") for n in names):  # numpy.savez names every member so (none: an empty savez)
