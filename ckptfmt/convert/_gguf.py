@@ -132,7 +132,10 @@ def read_gguf(path: str) -> tuple[dict[str, FileArray], dict[str, Any]]:
         v1 = version == 1
         n_tensors = cur.unpack("<I" if v1 else "<Q", "the tensor count")
         n_kv = cur.unpack("<I" if v1 else "<Q", "the key-value count")
-        if n_kv * 13 > size - cur.pos or n_tensors * 24 > size - cur.pos:
+        # the least a pair (key length, type, a 1-byte value) and a tensor info (name length, n_dims, type,
+        # offset) can take: counts that cannot fit in the file are refused before anything is read
+        least_kv, least_info = (9, 20) if v1 else (13, 24)
+        if n_kv * least_kv > size - cur.pos or n_tensors * least_info > size - cur.pos:
             raise CorruptSourceError(path, f"gguf: {n_tensors} tensors and {n_kv} key-value pairs cannot fit in "
                                            f"{size} bytes")
         kv: dict[str, Any] = {}
