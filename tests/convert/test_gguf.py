@@ -121,3 +121,11 @@ def test_a_huge_array_count_is_refused(tmp_path: Path) -> None:
     bad.write_bytes(data[:at] + struct.pack("<Q", 2**50) + data[at + 8:])
     with pytest.raises(CorruptSourceError, match="claims"):
         convert(bad, tmp_path / "bad.ckpt")
+
+
+def test_progress_is_reported(tmp_path: Path) -> None:
+    src = tmp_path / "p.gguf"
+    write(src, {"a": (np.ones((8, 64), np.float32), None), "b": (np.ones(32, np.float16), None)}, kv=False)
+    seen: list[int] = []
+    report = convert(src, tmp_path / "p.ckpt", progress=seen.append)
+    assert seen and seen[-1] == report.bytes == 8 * 64 * 4 + 32 * 2 and seen == sorted(seen)

@@ -197,3 +197,10 @@ def test_shards_are_told_by_content_and_unsafe_shards_refused(tmp_path: Path) ->
     torch.save({"a": torch.ones(64), "evil": TinyLM}, d / "pytorch_model-00001-of-00002.bin")
     with pytest.raises(ckptfmt.convert.UnsafePickleError, match="TinyLM"):
         convert(d, tmp_path / "m.ckpt")
+
+
+def test_progress_is_reported(tmp_path: Path) -> None:
+    d = _sharded(tmp_path)
+    seen: list[int] = []
+    report = convert(d, tmp_path / "m.ckpt", progress=seen.append)
+    assert seen and seen[-1] == report.bytes == 2 * 64 * 4 and seen == sorted(seen)
