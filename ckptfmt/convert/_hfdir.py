@@ -42,13 +42,19 @@ def inside(directory: str, name: str, *, what: str, cited: str) -> str:
     """The path of file ``name`` in ``directory``; :class:`CorruptSourceError` if it could reach elsewhere.
 
     ``name`` must be a plain file name (no separator, not ``.``/``..``), and its real path (links
-    followed) must lie in the directory's real path.
+    followed) must lie in the directory's real path, or, for a snapshot of the Hugging Face hub cache
+    (``<repo>/snapshots/<revision>/``, whose files link to ``<repo>/blobs/<hash>``), in that repo's
+    ``blobs`` folder.
     """
     if (not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name
             or os.path.isabs(name) or (os.altsep and os.altsep in name)):
         raise CorruptSourceError(cited, f"{what} {name!r} is not a plain file name in {directory}")
     root = os.path.realpath(directory)
     full = os.path.realpath(os.path.join(directory, name))
+    snapshots = os.path.dirname(root)
+    blobs = os.path.join(os.path.dirname(snapshots), "blobs")
+    if os.path.basename(snapshots) == "snapshots" and os.path.dirname(full) == blobs:
+        return full
     if os.path.dirname(full) != root:
         raise CorruptSourceError(cited, f"{what} {name!r} lies outside {directory} (a link to {full})")
     return full

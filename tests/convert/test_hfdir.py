@@ -204,3 +204,23 @@ def test_progress_is_reported(tmp_path: Path) -> None:
     seen: list[int] = []
     report = convert(d, tmp_path / "m.ckpt", progress=seen.append)
     assert seen and seen[-1] == report.bytes == 2 * 64 * 4 and seen == sorted(seen)
+
+
+def test_a_hub_cache_snapshot_links_into_its_blobs(tmp_path: Path) -> None:
+    """huggingface_hub's cache: snapshots/<rev>/<file> -> ../../blobs/<hash>; a link elsewhere is still refused."""
+    repo = tmp_path / "models--org--tiny"
+    (repo / "blobs").mkdir(parents=True)
+    snap = repo / "snapshots" / "0123abcd"
+    snap.mkdir(parents=True)
+    model = TinyLM()
+    torch.save(model.state_dict(), repo / "blobs" / "aaa")
+    (repo / "blobs" / "bbb").write_text(json.dumps(CONFIG))
+    os.symlink("../../blobs/aaa", snap / "pytorch_model.bin")
+    os.symlink("../../blobs/bbb", snap / "config.json")
+    convert(snap, tmp_path / "m.ckpt")
+    with ckptfmt.open(tmp_path / "m.ckpt") as ckpt:
+        assert ckpt.metadata["hf_files"] == {"config.json": CONFIG}
+    (tmp_path / "elsewhere.json").write_text("{}")
+    os.symlink(tmp_path / "elsewhere.json", snap / "generation_config.json")
+    with pytest.raises(CorruptSourceError, match="outside"):
+        convert(snap, tmp_path / "m2.ckpt")
