@@ -62,6 +62,10 @@ def _read(fmt: str, src: str, *, allow_pickle: bool) -> tuple[Any, dict[str, Any
         from ._torch import load_torch
 
         return load_torch(src, fmt, allow_pickle=allow_pickle)
+    if fmt == "flax-msgpack":
+        from ._flax import read_flax
+
+        return read_flax(src), {}
     if fmt == "keras":
         from ._keras import read_keras
 

@@ -11,6 +11,7 @@ from .._header import MAGIC
 from ..errors import CheckpointNotFoundError
 from ._dcp import METADATA_FILE, is_dcp_dir
 from ._errors import CorruptSourceError, UnknownFormatError
+from ._flax import looks_like_flax
 from ._hfdir import TORCH_WEIGHTS, index_shard_format, is_torch_dir
 from ._keras import is_keras
 from ._lightning import is_lightning
@@ -21,7 +22,7 @@ __all__ = ["FORMATS", "detect"]
 
 #: every format :func:`detect` can return, i.e. every source ``convert`` reads
 FORMATS = ("ckptfmt", "torch-zip", "torch-legacy", "torchscript", "lightning", "safetensors", "safetensors-sharded",
-           "torch-sharded", "npy", "npz", "hdf5", "dcp", "gguf", "keras")
+           "torch-sharded", "npy", "npz", "hdf5", "dcp", "gguf", "keras", "flax-msgpack")
 
 _NPY = b"\x93NUMPY"
 _HDF5 = b"\x89HDF\r\n\x1a\n"
@@ -72,6 +73,8 @@ def detect(path: str | os.PathLike[str]) -> str:
         fmt = index_shard_format(p)
         if fmt is not None:
             return fmt
+    if looks_like_flax(p, head, size):
+        return "flax-msgpack"
     if len(head) >= 9 and head[8:9] == b"{" and struct.unpack_from("<Q", head)[0] > size - 8:
         raise CorruptSourceError(p, f"starts like a safetensors file, but its header length "
                                     f"{struct.unpack_from('<Q', head)[0]} runs past the end of the file ({size} "
