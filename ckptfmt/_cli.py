@@ -190,7 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("b")
     s.add_argument("--json", action="store_true", help="print a JSON document instead")
     s.set_defaults(func=_cmd_diff)
-    s = sub.add_parser("convert", help="convert torch.save, safetensors, npy/npz, HDF5 or DCP checkpoints to ckptfmt")
+    s = sub.add_parser("convert", help="convert torch.save, TorchScript, Lightning, safetensors, Hugging Face model "
+                                       "directories, npy/npz, HDF5, DCP or GGUF checkpoints to ckptfmt")
     s.add_argument("src", help="file or directory; its format is told by content")
     s.add_argument("dst")
     s.add_argument("--allow-pickle", action="store_true",
@@ -199,12 +200,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.add_argument("--json", action="store_true", help="print the conversion report as JSON")
     s.set_defaults(func=_cmd_convert)
-    s = sub.add_parser("export", help="write a ckptfmt checkpoint as HDF5, safetensors or a torch.save file")
+    s = sub.add_parser("export", help="write a ckptfmt checkpoint as HDF5, safetensors (a file or a Hugging Face "
+                                      "model directory) or a torch.save file")
     s.add_argument("src")
     s.add_argument("dst")
-    s.add_argument("--to", required=True, choices=["hdf5", "safetensors", "torch"])
+    s.add_argument("--to", required=True, choices=["hdf5", "safetensors", "hf-safetensors", "torch"])
     s.add_argument("--flatten", help="safetensors only: 'drop' non-tensor leaves, 'copy' shared tensors, or both "
                                      "('drop,copy'); without it such objects are refused")
+    s.add_argument("--shard-size", help="hf-safetensors only: most tensor bytes per shard (default 5GB; "
+                                        "GB = 10^9, GiB = 2^30)")
     s.add_argument("--compression", choices=["gzip"], help="HDF5 only: compress datasets")
     s.add_argument("--compression-opts", type=int, help="HDF5 only: gzip level 0-9")
     s.add_argument("--chunks", action="store_true", help="HDF5 only: chunked datasets")
@@ -248,7 +252,10 @@ def _cmd_export(args: argparse.Namespace) -> int:
         print("ckptfmt: error: --compression, --compression-opts and --chunks apply to --to hdf5 only",
               file=sys.stderr)
         return 2
-    export(args.src, args.dst, to=args.to, flatten=args.flatten, **options)
+    if args.shard_size is not None and args.to != "hf-safetensors":
+        print("ckptfmt: error: --shard-size applies to --to hf-safetensors only", file=sys.stderr)
+        return 2
+    export(args.src, args.dst, to=args.to, flatten=args.flatten, shard_size=args.shard_size, **options)
     print(f"{args.src} -> {args.dst} ({args.to})")
     return 0
 

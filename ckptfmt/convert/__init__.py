@@ -7,8 +7,10 @@
     >>> report = ckptfmt.convert.convert("model_dir/", "model.ckpt")  # a sharded safetensors model
 
 Sources (told apart by content, see :func:`detect`): ckptfmt itself, torch.save files (zip and
-legacy), safetensors files and sharded directories, numpy .npy/.npz, HDF5 and
-torch.distributed.checkpoint directories.
+legacy; numpy values allowed by name), TorchScript archives, PyTorch Lightning checkpoints, safetensors
+files, Hugging Face model directories (safetensors or torch shards, with their JSON side files), numpy
+.npy/.npz, HDF5, torch.distributed.checkpoint directories, GGUF files, Keras 3 ``.keras`` archives
+and Flax msgpack files.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from ._detect import FORMATS, detect
 from ._errors import (
     ConversionError,
     CorruptSourceError,
+    DiskFullError,
     SameFileError,
     UnknownFormatError,
     UnsafePickleError,
@@ -34,6 +37,7 @@ __all__ = [
     "ConversionError",
     "ConversionReport",
     "CorruptSourceError",
+    "DiskFullError",
     "FileArray",
     "LazyArray",
     "ProgressLike",

@@ -61,7 +61,27 @@ def _read(fmt: str, src: str, *, allow_pickle: bool) -> tuple[Any, dict[str, Any
     if fmt in ("torch-zip", "torch-legacy"):
         from ._torch import load_torch
 
-        return load_torch(src, fmt, allow_pickle=allow_pickle), {}
+        return load_torch(src, fmt, allow_pickle=allow_pickle)
+    if fmt == "flax-msgpack":
+        from ._flax import read_flax
+
+        return read_flax(src), {}
+    if fmt == "keras":
+        from ._keras import read_keras
+
+        return read_keras(src)
+    if fmt == "gguf":
+        from ._gguf import read_gguf
+
+        return read_gguf(src)
+    if fmt == "lightning":
+        from ._lightning import read_lightning
+
+        return read_lightning(src, "torch-zip", allow_pickle=allow_pickle)
+    if fmt == "torchscript":
+        from ._torchscript import read_torchscript
+
+        return read_torchscript(src), {}
     if fmt == "safetensors":
         from ._safetensors import read_safetensors
 
@@ -70,6 +90,10 @@ def _read(fmt: str, src: str, *, allow_pickle: bool) -> tuple[Any, dict[str, Any
         from ._safetensors import read_sharded
 
         return read_sharded(src)
+    if fmt == "torch-sharded":
+        from ._hfdir import read_torch_sharded
+
+        return read_torch_sharded(src, allow_pickle=allow_pickle)
     if fmt == "npy":
         from ._numpy import read_npy
 
@@ -119,7 +143,8 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, allow_p
     tensor bytes when it has none).
 
     ``metadata``: plain values merged into the file's user metadata, over the source's own (a
-    safetensors ``__metadata__``, a sharded index's ``metadata``) and over the
+    safetensors ``__metadata__``, a sharded index's ``metadata``, a model directory's side files under
+    ``"hf_files"``, torch state dicts' ``_metadata`` under ``"torch_state_dict_metadata"``) and over the
     ``{"converted_from": {"format": ..., "path": <source file name>}}`` entry added to every file.
     """
     start = time.perf_counter()
@@ -132,6 +157,12 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, allow_p
     if os.path.exists(dst_s) and os.path.samefile(src_s, dst_s):
         raise SameFileError(f"{dst_s}: the destination is the source; write the conversion elsewhere")
     tree, source_meta = _read(fmt, src_s, allow_pickle=allow_pickle)
+    if fmt in ("safetensors-sharded", "torch-sharded"):  # a model directory: its config and tokenizer files too
+        from ._hfdir import SIDE_KEY, read_side_files
+
+        side = read_side_files(src_s if os.path.isdir(src_s) else os.path.dirname(os.path.abspath(src_s)))
+        if side:
+            source_meta = {**source_meta, SIDE_KEY: side}
     name = os.path.basename(os.path.normpath(os.path.abspath(src_s)))
     user = {**source_meta, "converted_from": {"format": fmt, "path": name}, **(metadata or {})}
     tracker = Progress(progress) if progress is not None else None

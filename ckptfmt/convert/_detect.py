@@ -11,12 +11,18 @@ from .._header import MAGIC
 from ..errors import CheckpointNotFoundError
 from ._dcp import METADATA_FILE, is_dcp_dir
 from ._errors import CorruptSourceError, UnknownFormatError
-from ._safetensors import INDEX_SUFFIX, find_index, is_index, sniff_header
+from ._flax import looks_like_flax
+from ._hfdir import TORCH_WEIGHTS, index_shard_format, is_torch_dir
+from ._keras import is_keras
+from ._lightning import is_lightning
+from ._safetensors import INDEX_SUFFIX, find_index, sniff_header
+from ._torchscript import is_torchscript
 
 __all__ = ["FORMATS", "detect"]
 
 #: every format :func:`detect` can return, i.e. every source ``convert`` reads
-FORMATS = ("ckptfmt", "torch-zip", "torch-legacy", "safetensors", "safetensors-sharded", "npy", "npz", "hdf5", "dcp")
+FORMATS = ("ckptfmt", "torch-zip", "torch-legacy", "torchscript", "lightning", "safetensors", "safetensors-sharded",
+           "torch-sharded", "npy", "npz", "hdf5", "dcp", "gguf", "keras", "flax-msgpack")
 
 _NPY = b"\x93NUMPY"
 _HDF5 = b"\x89HDF\r\n\x1a\n"
@@ -30,8 +36,11 @@ def detect(path: str | os.PathLike[str]) -> str:
 
     Files are told apart by their bytes (a ``.bin`` that is a torch zip is ``"torch-zip"``); directories
     by what they hold: ``.metadata`` and ``*.distcp`` make ``"dcp"``, ``*.safetensors.index.json`` or
-    ``*.safetensors`` files ``"safetensors-sharded"``. Raises :class:`UnknownFormatError` for anything
-    else and :class:`CorruptSourceError` for a file that starts like a known format but is broken.
+    ``*.safetensors`` files ``"safetensors-sharded"``, ``*.bin.index.json`` or a ``pytorch_model.bin``
+    that is a torch.save file ``"torch-sharded"`` (a Hugging Face model directory). An index file is
+    ``"safetensors-sharded"`` or ``"torch-sharded"`` by the content of its shards. Raises
+    :class:`UnknownFormatError` for anything else and :class:`CorruptSourceError` for a file that starts
+    like a known format but is broken.
     """
     p = os.fspath(path)
     if os.path.isdir(p):
@@ -48,6 +57,8 @@ def detect(path: str | os.PathLike[str]) -> str:
         return "ckptfmt"
     if head.startswith(_NPY):
         return "npy"
+    if head.startswith(b"GGUF"):
+        return "gguf"
     if head.startswith(_ZIP):
         return _detect_zip(p)
     if _is_hdf5(p, head, size):
@@ -58,8 +69,12 @@ def detect(path: str | os.PathLike[str]) -> str:
         return "torch-legacy"
     if sniff_header(head, size):
         return "safetensors"
-    if head.lstrip()[:1] == b"{" and is_index(p):
-        return "safetensors-sharded"
+    if head.lstrip()[:1] == b"{":
+        fmt = index_shard_format(p)
+        if fmt is not None:
+            return fmt
+    if looks_like_flax(p, head, size):
+        return "flax-msgpack"
     if len(head) >= 9 and head[8:9] == b"{" and struct.unpack_from("<Q", head)[0] > size - 8:
         raise CorruptSourceError(p, f"starts like a safetensors file, but its header length "
                                     f"{struct.unpack_from('<Q', head)[0]} runs past the end of the file ({size} "
@@ -74,22 +89,30 @@ def _detect_dir(p: str) -> str:
     names = os.listdir(p)
     if find_index(p) is not None or any(n.endswith(".safetensors") for n in names):
         return "safetensors-sharded"
+    if is_torch_dir(p):
+        return "torch-sharded"
     hint = ""
     if METADATA_FILE in names:
         hint = " (it has a .metadata file but no *.distcp files: an incomplete DCP checkpoint?)"
     raise UnknownFormatError(p, "a directory, but neither a torch.distributed.checkpoint (.metadata + *.distcp) nor "
-                                f"a sharded safetensors model (*{INDEX_SUFFIX} or *.safetensors){hint}")
+                                f"a model directory (*{INDEX_SUFFIX}, *.safetensors, *.bin.index.json or "
+                                f"{TORCH_WEIGHTS}){hint}")
 
 
 def _detect_zip(p: str) -> str:
     try:
         with zipfile.ZipFile(p) as zf:
             names = zf.namelist()
+            lightning = is_lightning(p, zf)
     except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError) as e:
         raise CorruptSourceError(p, f"a zip archive (torch.save or .npz) that cannot be read, truncated or "
                                     f"corrupt ({e})") from None
+    if is_torchscript(names):
+        return "torchscript"
+    if is_keras(names):
+        return "keras"
     if any(n == "data.pkl" or n.endswith("/data.pkl") for n in names):
-        return "torch-zip"
+        return "lightning" if lightning else "torch-zip"
     if all(n.endswith(".npy") for n in names):  # numpy.savez names every member so (none: an empty savez)
         return "npz"
     raise UnknownFormatError(p, "a zip archive that is neither a torch.save file (no data.pkl) nor an .npz")

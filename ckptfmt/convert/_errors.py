@@ -7,12 +7,14 @@
         │                                          a known format whose bytes are broken or truncated
         ├── UnsupportedSourceError (ValueError)    a known format using a feature convert() cannot read
         ├── SameFileError (ValueError)             the destination is the source
+        ├── DiskFullError (OSError, errno ENOSPC)  the target's file system ran out of space
         └── UnsafePickleError (pickle.UnpicklingError)
                                                    the source needs code from outside the allowlist
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 
@@ -21,6 +23,7 @@ from ..errors import CheckpointError, CorruptCheckpointError
 __all__ = [
     "ConversionError",
     "CorruptSourceError",
+    "DiskFullError",
     "SameFileError",
     "UnknownFormatError",
     "UnsafePickleError",
@@ -66,3 +69,13 @@ class UnsafePickleError(ConversionError, pickle.UnpicklingError):
         self.path = os.fspath(path)
         self.globals = list(globals or [])
         super().__init__(f"{self.path}: {message}")
+
+
+class DiskFullError(ConversionError, OSError):
+    """Writing ``filename`` failed for lack of space (``errno`` is ``ENOSPC``); the previous file there is intact."""
+
+    def __init__(self, path: str | os.PathLike[str], message: str) -> None:
+        super().__init__(errno.ENOSPC, f"{os.fspath(path)}: {message}", os.fspath(path))
+
+    def __str__(self) -> str:
+        return str(self.strerror)

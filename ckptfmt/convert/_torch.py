@@ -1,26 +1,71 @@
 """torch.save sources: the zip format (torch >= 1.6) and the legacy pickle and tar formats.
 
 Files are loaded with ``torch.load(weights_only=True)``: its unpickler builds tensors, containers and
-a fixed list of plain types, and refuses every other global instead of running it. Zip files are
-also memory-mapped (``mmap=True``), so their tensors are views of the file that the writer streams
-from the page cache; legacy files are read into memory. ``torch.load`` gives tensors that shared a
-storage in the file one storage again, which ckptfmt then stores once.
+a fixed list of plain types, and refuses every other global instead of running it. To that list we add,
+by name, the globals that rebuild numpy values and a few plain containers (:data:`SAFE_GLOBALS`: numpy
+arrays, scalars and dtypes, ``argparse.Namespace``, ``frozenset``), none of which runs code named by the
+file; :func:`to_tree` then turns what they build into ckptfmt values. Zip files are also memory-mapped
+(``mmap=True``), so their tensors are views of the file that the writer streams from the page cache;
+legacy files are read into memory. ``torch.load`` gives tensors that shared a storage in the file one
+storage again, which ckptfmt then stores once.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import io
 import pickle
 import re
 import warnings
+import zipfile
+from collections import OrderedDict
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
+
+from .._keypath import join
 from ..errors import MissingDependencyError
 from ._errors import CorruptSourceError, UnsafePickleError, UnsupportedSourceError
+from ._pickle_scan import describe, global_paths
 
-__all__ = ["import_torch", "load_torch", "torch_load_bytes", "unsafe_globals"]
+__all__ = ["SAFE_GLOBALS", "STATE_DICT_METADATA", "import_torch", "load_torch", "safe_globals", "to_tree",
+           "torch_load_bytes", "unsafe_globals"]
+
+#: user-metadata key holding the ``_metadata`` attribute of each state-dict OrderedDict, by key path
+STATE_DICT_METADATA = "torch_state_dict_metadata"
+#: numpy dtype kinds whose globals are allowed (all but object ``O``)
+_DTYPE_CHARS = "?bBhHiIlLqQefdgFDGSUVMm"
+#: pickles of a zip larger than this are not scanned for the key paths of refused globals
+_MAX_PICKLE = 256 << 20
+
+
+def safe_globals() -> list[tuple[Any, str]]:
+    """(object, "module.name") of the globals allowed beside weights_only's own, under each name numpy uses.
+
+    numpy 1.x pickles name ``numpy.core.multiarray``, numpy 2 ``numpy._core.multiarray``; both map to the
+    installed functions. None of them runs code named by the file: ``_reconstruct`` makes an empty
+    array, ``scalar`` a scalar from its bytes, ``dtype`` a dtype from its description.
+    """
+    try:
+        from numpy._core import multiarray
+    except ImportError:  # numpy < 2
+        from numpy.core import multiarray  # type: ignore[no-redef]
+    pairs: list[tuple[Any, str]] = []
+    for mod in ("numpy.core.multiarray", "numpy._core.multiarray"):
+        pairs += [(multiarray._reconstruct, f"{mod}._reconstruct"), (multiarray.scalar, f"{mod}.scalar")]
+    pairs += [(np.ndarray, "numpy.ndarray"), (np.dtype, "numpy.dtype"),
+              (argparse.Namespace, "argparse.Namespace"), (frozenset, "builtins.frozenset")]
+    for char in _DTYPE_CHARS:
+        cls = type(np.dtype(char))
+        if cls is not np.dtype:  # numpy >= 1.25: one class per dtype, numpy.dtypes.Float32DType, ...
+            pairs.append((cls, f"numpy.dtypes.{cls.__name__}"))
+    return pairs
+
+
+#: the names of :func:`safe_globals`
+SAFE_GLOBALS = frozenset(name for _, name in safe_globals())
 
 _GLOBAL_RE = re.compile(r"GLOBAL ([A-Za-z_][\w.]*) was not an allowed global")
 _UNSAFE_HINT = ("pass allow_pickle=True (`ckptfmt convert --allow-pickle`) to load it with the full pickle "
@@ -54,7 +99,10 @@ def _refusal(path: str, e: BaseException) -> UnsafePickleError:
     if names:
         return UnsafePickleError(path, f"the pickle needs {', '.join(names)}, which torch.load(weights_only=True) "
                                        f"does not allow; {_UNSAFE_HINT}", globals=names)
-    detail = next((line.strip() for line in text.splitlines() if "WeightsUnpickler error" in line), text.strip())
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    at = next((i for i, line in enumerate(lines) if "WeightsUnpickler error" in line), None)
+    detail = text.strip() if at is None else \
+        " ".join(lines[at : at + 2]).partition("WeightsUnpickler error:")[2].strip()
     return UnsafePickleError(path, f"torch.load(weights_only=True) refused the file ({detail}); {_UNSAFE_HINT}")
 
 
@@ -75,21 +123,98 @@ def _translated(path: str, fmt: str) -> Iterator[None]:
         raise CorruptSourceError(path, f"{fmt}: torch.load failed ({type(e).__name__}: {msg})") from None
 
 
-def load_torch(path: str, fmt: str, *, allow_pickle: bool) -> Any:
-    """The object saved in a torch file (zip: memory-mapped)."""
+def load_torch(path: str, fmt: str, *, allow_pickle: bool) -> tuple[Any, dict[str, Any]]:
+    """(the object saved in a torch file as a ckptfmt tree, user metadata); zip files are memory-mapped.
+
+    The metadata holds the state dicts' ``_metadata`` (:data:`STATE_DICT_METADATA`), if any.
+    """
     torch = import_torch()
     zip_file = fmt == "torch-zip"
     if zip_file and not allow_pickle:
-        names = unsafe_globals(torch, path)
+        names = [n for n in unsafe_globals(torch, path) if n not in SAFE_GLOBALS]
         if names:
-            raise UnsafePickleError(path, f"the pickle needs {', '.join(names)}, which torch.load(weights_only=True) "
-                                          f"does not allow; {_UNSAFE_HINT}", globals=names)
+            raise _refused_by_scan(path, names)
     if zip_file:
         _refuse_torchscript(path)
-    with _translated(path, fmt), warnings.catch_warnings():
+    with _translated(path, fmt), warnings.catch_warnings(), torch.serialization.safe_globals(safe_globals()):
         # torch warns when weights_only=False is passed explicitly (an informed choice here)
         warnings.simplefilter("ignore", FutureWarning)
-        return torch.load(path, map_location="cpu", weights_only=not allow_pickle, mmap=zip_file)
+        obj = torch.load(path, map_location="cpu", weights_only=not allow_pickle, mmap=zip_file)
+    meta: dict[str, Any] = {}
+    tree = to_tree(obj, path, meta)
+    return tree, ({STATE_DICT_METADATA: meta} if meta else {})
+
+
+def _refused_by_scan(path: str, names: list[str]) -> UnsafePickleError:
+    """The refusal of a zip file's globals, naming the key paths that use them where the pickle tells."""
+    where = ""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            member = next((i for i in zf.infolist() if i.filename.endswith("data.pkl")), None)
+            if member is not None and member.file_size <= _MAX_PICKLE:
+                found = global_paths(zf.read(member), set(names))
+                where = f" (used by: {describe(found)})" if found else ""
+    except (zipfile.BadZipFile, OSError, EOFError):
+        pass
+    return UnsafePickleError(path, f"the pickle needs {', '.join(names)}{where}, which neither torch.load("
+                                   f"weights_only=True) nor ckptfmt's numpy allowlist allows; {_UNSAFE_HINT}",
+                             globals=names)
+
+
+def to_tree(obj: Any, path: str, state_dict_meta: dict[str, Any]) -> Any:
+    """``obj`` as ckptfmt stores it; how each value the allowlist admits becomes a tree value:
+
+    - numpy arrays and numeric scalars: kept (stored as tensors; a scalar loads back as a scalar);
+      object arrays are refused (:class:`UnsupportedSourceError` naming the key path);
+    - ``numpy.dtype``: its name, ``str(dtype)`` (``"float32"``, ``"<U3"``); ``torch.dtype`` and
+      ``torch.device``: ``str()`` (``"torch.float32"``, ``"cpu"``); ``torch.Size``: a tuple of ints;
+    - ``set`` / ``frozenset``: a list, sorted when the items compare, else in iteration order;
+    - ``argparse.Namespace``: a dict of its attributes;
+    - ``OrderedDict``: a dict in the same order; its ``_metadata`` (torch's per-module state-dict
+      versions) goes to ``state_dict_meta[key path]``.
+
+    Everything else passes unchanged (tensors, plain values, dicts, lists, tuples).
+    """
+    import torch
+
+    def walk(o: Any, keys: tuple[str | int, ...], depth: int) -> Any:
+        if depth > 256:
+            return o  # the save refuses trees this deep by name
+        t = type(o)
+        if t in (str, int, float, bool, bytes, type(None)) or isinstance(o, torch.Tensor):
+            return o
+        if isinstance(o, np.ndarray):
+            if o.dtype.hasobject:
+                raise UnsupportedSourceError(path, f"key {join(keys)!r}: a numpy array of Python objects "
+                                                   f"(dtype {o.dtype}), which ckptfmt cannot store")
+            return o
+        if isinstance(o, np.generic):
+            return o.item() if isinstance(o, (np.str_, np.bytes_)) else o
+        if isinstance(o, np.dtype):
+            return str(o)
+        if isinstance(o, (torch.dtype, torch.device)):
+            return str(o)
+        if isinstance(o, torch.Size):
+            return tuple(int(d) for d in o)
+        if isinstance(o, argparse.Namespace):
+            o = dict(vars(o))
+        if isinstance(o, dict):
+            md = getattr(o, "_metadata", None) if isinstance(o, OrderedDict) else None
+            if md is not None:
+                state_dict_meta[join(keys)] = walk(dict(md), (*keys, "_metadata"), depth + 1)
+            return {k: walk(v, (*keys, k), depth + 1) for k, v in o.items()}
+        if isinstance(o, (set, frozenset)):
+            items = list(o)
+            with contextlib.suppress(TypeError):
+                items = sorted(items)
+            return [walk(v, (*keys, i), depth + 1) for i, v in enumerate(items)]
+        if t is list:
+            return [walk(v, (*keys, i), depth + 1) for i, v in enumerate(o)]
+        if t is tuple:
+            return tuple(walk(v, (*keys, i), depth + 1) for i, v in enumerate(o))
+        return o  # what the save cannot store it names by key path
+
+    return walk(obj, (), 0)
 
 
 def _refuse_torchscript(path: str) -> None:

@@ -8,7 +8,6 @@ import pickle
 import subprocess
 import sys
 import textwrap
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,6 @@ from convert_testlib import assert_same_tensor, assert_trees_equal, raw_bytes
 import ckptfmt
 import ckptfmt.convert
 from ckptfmt.convert import (
-    ConversionError,
     ConversionReport,
     CorruptSourceError,
     FileArray,
@@ -138,8 +136,10 @@ def test_torch_training_checkpoint(tmp_path: Path, legacy: bool) -> None:
     assert report.tensors == n
     assert report.bytes == sum(t.nbytes for t in _tensors(want))
     assert report.file_size == os.path.getsize(tmp_path / "out.ckpt")
+    versions = {k: dict(v) for k, v in want["model"]._metadata.items()}  # OrderedDict._metadata: module versions
     assert ckptfmt.open(tmp_path / "out.ckpt").metadata == {
-        "converted_from": {"format": report.source_format, "path": "checkpoint.ckpt.pt"}}
+        "converted_from": {"format": report.source_format, "path": "checkpoint.ckpt.pt"},
+        "torch_state_dict_metadata": {"model": versions}}
 
 
 def _tensors(tree: Any) -> Any:
@@ -203,24 +203,16 @@ def test_allow_pickle_converts_what_ckptfmt_holds(tmp_path: Path) -> None:
     import ckptfmt.torch
 
     src = tmp_path / "rng.pt"
-    state = {"w": torch.ones(2), "np": np.arange(4, dtype=np.int32)}  # numpy arrays are not weights_only-safe
+    state = {"w": torch.ones(2), "np": np.arange(4, dtype=np.int32), "obj": Custom(1)}
     torch.save(state, src)
-    with pytest.raises(UnsafePickleError, match="numpy"):
+    with pytest.raises(UnsafePickleError, match="Custom"):
         convert(src, tmp_path / "out.ckpt")
+    del state["obj"]
+    torch.save(state, src)
     convert(src, tmp_path / "out.ckpt", allow_pickle=True)
     got = ckptfmt.load(tmp_path / "out.ckpt")
     assert_trees_equal(got["np"], state["np"])
     assert_same_tensor(ckptfmt.torch.load(tmp_path / "out.ckpt")["w"], state["w"], "w")
-
-
-def test_torchscript_refused(tmp_path: Path) -> None:
-    torch = pytest.importorskip("torch")
-    src = tmp_path / "scripted.pt"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit is deprecated, and still in the wild
-        torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(src))
-    with pytest.raises(ConversionError, match="TorchScript"):
-        convert(src, tmp_path / "out.ckpt")
 
 
 def test_callable_module_and_bad_destinations(tmp_path: Path) -> None:
@@ -362,7 +354,8 @@ def test_safetensors_sharded(tmp_path: Path) -> None:
         assert list(got) == order and sorted(order) == sorted(tensors)
         assert ckptfmt.open(tmp_path / "out.ckpt").metadata == {
             "format": "pt", "total_size": sum(t.nbytes for t in tensors.values()),
-            "converted_from": {"format": "safetensors-sharded", "path": os.path.basename(src)}}
+            "converted_from": {"format": "safetensors-sharded", "path": os.path.basename(src)},
+            "hf_files": {"config.json": {}}}  # the model directory's side files
 
 
 def test_safetensors_sharded_inconsistent(tmp_path: Path) -> None:
