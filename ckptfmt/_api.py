@@ -74,8 +74,13 @@ def load(path: str | os.PathLike[str], *, keys: Iterable[str] | str | None = Non
 
     ``mmap=True`` returns read-only zero-copy views of a memory map; ``mmap=False`` reads into fresh
     writable arrays (the better choice on network filesystems). With ``verify``, each blob read is
-    checked against its checksum first.
+    checked against its checksum first. A sharded directory (spec/DISTRIBUTED.md) loads consolidated, as numpy.
     """
+    if keys is None and os.path.isdir(path):
+        from .distributed import consolidate, is_sharded_dir
+
+        if is_sharded_dir(path):
+            return consolidate(path)
     with Checkpoint(path, limits=limits) as ckpt:
         return ckpt.load(keys=keys, verify=verify, mmap=mmap, backend=backend, device=device)
 
