@@ -289,7 +289,7 @@ def async_save(state: dict[str, Any], path: str | os.PathLike[str], *, process_g
         Location(path, storage_options=o.storage_options).abort()
         out.set_exception(from_dcp(e, p, "async save"))
         return out
-    inner = getattr(fut, "upload_completion", fut)
+    inner: Any = getattr(fut, "upload_completion", fut)
 
     def done(f: Any) -> None:
         try:

@@ -126,10 +126,7 @@ class _Parser:
         if key not in m:
             raise self.fail(where, f"missing field {key!r}")
         v = m[key]
-        if isinstance(kind, tuple):
-            ok = type(v) in kind
-        else:
-            ok = type(v) is kind
+        ok = type(v) in kind if isinstance(kind, tuple) else type(v) is kind
         if not ok:
             raise self.fail(f"{where}.{key}", f"expected {getattr(kind, '__name__', kind)}, got {type(v).__name__}")
         return v
@@ -225,7 +222,7 @@ def parse_index(data: bytes, *, path: str | None = None, max_bytes: int = MAX_IN
             offs, sizes = p.dims(c, "offsets", cw), p.dims(c, "sizes", cw)
             if len(offs) != len(shape) or len(sizes) != len(shape):
                 raise p.fail(cw, f"offsets {list(offs)} / sizes {list(sizes)} do not match shape {list(shape)}")
-            if any(o + s > d for o, s, d in zip(offs, sizes, shape)):
+            if any(o + s > d for o, s, d in zip(offs, sizes, shape, strict=False)):
                 raise p.fail(cw, f"box at {list(offs)} of {list(sizes)} exceeds shape {list(shape)}")
             ext = p.extent(c, cw, ft, block)
             if ext.length != math.prod(sizes) * item:

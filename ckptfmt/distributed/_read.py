@@ -46,10 +46,10 @@ def read_range(loc: Location, idx: Index, ext: Extent, start: int, stop: int, *,
     buf = np.empty(hi - lo, np.uint8)
     name = idx.files[ext.file].name
     try:
-        loc.read_into(name, ext.offset + lo, memoryview(buf))
-    except EOFError as e:
-        raise TruncatedCheckpointError(loc.join(loc.root, name), str(e)) from None
-    mv = memoryview(buf)
+        loc.read_into(name, ext.offset + lo, buf.data)
+    except EOFError as err:
+        raise TruncatedCheckpointError(loc.join(loc.root, name), str(err)) from None
+    mv = buf.data
     for i in range(b0, b1):
         s = i * bs - lo
         e = min(s + bs, hi - lo)
@@ -81,7 +81,8 @@ def covered_exactly_once(rec: TensorRecord) -> str | None:
         for b in boxes[i + 1:]:
             if rec.shape and b.offsets[0] >= a.offsets[0] + a.sizes[0]:
                 break
-            if all(bo < ao + asz and ao < bo + bsz for ao, asz, bo, bsz in zip(a.offsets, a.sizes, b.offsets, b.sizes)):
+            pairs = zip(a.offsets, a.sizes, b.offsets, b.sizes, strict=False)
+            if all(bo < ao + asz and ao < bo + bsz for ao, asz, bo, bsz in pairs):
                 return f"chunks at {list(a.offsets)} and {list(b.offsets)} overlap"
     if vol != total:
         return f"chunks hold {vol} elements of {total}"
@@ -97,7 +98,7 @@ def read_tensor(loc: Location, idx: Index, rec: TensorRecord) -> np.ndarray:
     out = np.empty(rec.shape, dt)
     for c in rec.chunks:
         raw = read_range(loc, idx, c.extent, 0, c.extent.length, key=rec.key)
-        box = tuple(slice(o, o + s) for o, s in zip(c.offsets, c.sizes))
+        box = tuple(slice(o, o + s) for o, s in zip(c.offsets, c.sizes, strict=False))
         out[box] = raw.view(dt).reshape(c.sizes)
     return out
 

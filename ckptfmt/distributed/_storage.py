@@ -8,6 +8,7 @@ rank needs, each checked block by block (§6).
 from __future__ import annotations
 
 import dataclasses
+import io
 import math
 import os
 import struct
@@ -99,7 +100,7 @@ def _bytes_of(t: torch.Tensor) -> memoryview:
     flat = t.reshape(-1)
     if flat.numel() == 0:
         return memoryview(b"")
-    return memoryview(flat.view(torch.uint8).numpy()).cast("B")
+    return flat.view(torch.uint8).numpy().data
 
 
 def _torch_dtype(name: str) -> torch.dtype:
@@ -195,7 +196,10 @@ class Writer(StorageWriter):
         for item in plan.items:
             if item.type == WriteItemType.BYTE_IO:
                 if isinstance(planner, MsgpackSavePlanner):
-                    raw = planner.resolve_data(item).getvalue()
+                    data = planner.resolve_data(item)
+                    if not isinstance(data, io.BytesIO):
+                        raise UnsupportedObjectError(f"{item.index.fqn}: planner returned {type(data).__name__}")
+                    raw = data.getvalue()
                 elif isinstance(planner, DefaultSavePlanner):  # its resolve_data would pickle: take the object
                     raw = encode_value(planner.lookup_object(item.index))
                 else:
@@ -232,7 +236,7 @@ class Writer(StorageWriter):
         loc.put_container(file, write)
         results = []
         for item, kind, i in order:
-            buf = _bytes_of(tensors[i]) if kind == "chunks" else memoryview(values[i])
+            buf = _bytes_of(tensors[i]) if kind == "chunks" else values[i].data
             off = offsets[kind][i]
             results.append(WriteResult(index=item.index, size_in_bytes=len(buf),
                                        storage_data=_Stored(file, off, len(buf), _block_sums(buf, self.block_size))))
@@ -407,8 +411,6 @@ class Reader(StorageReader):
                 raw = read_range(loc, idx, v.extent, 0, v.extent.length, key=fqn).tobytes()
                 self.bytes_needed += len(raw)
                 if isinstance(planner, MsgpackLoadPlanner):
-                    import io
-
                     planner.load_bytes(item, io.BytesIO(raw))
                 elif isinstance(planner, DefaultLoadPlanner):  # its load_bytes would unpickle
                     set_value(planner, item, decode_value(raw, where=f"{loc.url}: {fqn}"))
@@ -429,14 +431,14 @@ class Reader(StorageReader):
                 continue
             st = _strides(chunk.sizes)
             so = tuple(item.storage_offsets)
-            if any(o + n > s for o, n, s in zip(so, lengths, chunk.sizes)) or len(so) != len(chunk.sizes):
+            if any(o + n > s for o, n, s in zip(so, lengths, chunk.sizes, strict=False)) or len(so) != len(chunk.sizes):
                 raise CheckpointError(f"{loc.url}: {fqn}: read of {list(lengths)} at {list(so)} outside its chunk")
-            first = sum(o * s for o, s in zip(so, st))
-            last = sum((o + n - 1) * s for o, n, s in zip(so, lengths, st)) + 1
+            first = sum(o * s for o, s in zip(so, st, strict=False))
+            last = sum((o + n - 1) * s for o, n, s in zip(so, lengths, st, strict=False)) + 1
             isz = torch.empty((), dtype=sdt).element_size()
-            raw = read_range(loc, idx, chunk.extent, first * isz, last * isz, key=fqn)
+            buf = read_range(loc, idx, chunk.extent, first * isz, last * isz, key=fqn)
             self.bytes_needed += math.prod(lengths) * isz
-            src = torch.frombuffer(raw, dtype=sdt).as_strided(lengths, st)
+            src = torch.frombuffer(buf, dtype=sdt).as_strided(lengths, st)
             if tuple(target.shape) != lengths:
                 raise CheckpointError(f"{loc.url}: {fqn}: target of shape {list(target.shape)} for {list(lengths)}")
             target.copy_(src)  # converts to the target's dtype (and device): never a reinterpretation of bytes

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import os
 import shutil
 import tempfile
@@ -142,7 +143,7 @@ class Location:
         if self.remote:
             for p in self._retry(lambda: self.fs.ls(self.staging, detail=False)):
                 if p.rstrip("/").rsplit("/", 1)[-1] not in keep:
-                    self._retry(lambda p=p: self.fs.rm(p, recursive=True))
+                    self._retry(functools.partial(self.fs.rm, p, recursive=True))
             self._retry(lambda: self.fs.pipe_file(self.join(self.staging, INDEX_NAME), index))
             return
         for n in os.listdir(self.staging):
@@ -213,7 +214,7 @@ class Location:
             fd = self._fd(name)
             done = 0
             while done < n:
-                k = self._retry(lambda done=done: os.preadv(fd, [out[done:]], offset + done))
+                k = self._retry(functools.partial(os.preadv, fd, [out[done:]], offset + done))
                 if k <= 0:
                     raise EOFError(f"{self.join(self.root, name)}: ends before byte {offset + n}")
                 done += k

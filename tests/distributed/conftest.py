@@ -18,8 +18,8 @@ def s3_server() -> Iterator[dict[str, Any] | None]:
     """A moto S3 server on 127.0.0.1 (a real HTTP server, not a client mock) and a fresh bucket URL."""
     try:
         import boto3
-        from moto.server import ThreadedMotoServer
         import s3fs  # noqa: F401
+        from moto.server import ThreadedMotoServer
     except ImportError:
         pytest.skip("needs moto[server], boto3 and s3fs (pip install 'ckptfmt[dev]')")
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)

@@ -219,7 +219,7 @@ def fsdp2(rank: int, world: int, path: str) -> str:
     state = {"model": msd2, "optim": osd2}
     cd.load(state, path)
     set_state_dict(model2, opt2, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    for (n1, p1), (_, p2) in zip(model.named_parameters(), model2.named_parameters()):
+    for (n1, p1), (_, p2) in zip(model.named_parameters(), model2.named_parameters(), strict=False):
         assert torch.equal(p1.full_tensor(), p2.full_tensor()), n1
     s1, s2 = get_state_dict(model, opt)[1], get_state_dict(model2, opt2)[1]
     for k, v in s1["state"].items():
@@ -235,7 +235,7 @@ def fsdp2(rank: int, world: int, path: str) -> str:
     model2(x).sum().backward()
     opt.step()
     opt2.step()
-    for p1, p2 in zip(model.parameters(), model2.parameters()):
+    for p1, p2 in zip(model.parameters(), model2.parameters(), strict=False):
         assert torch.equal(p1.full_tensor(), p2.full_tensor())
     return "fsdp2"
 

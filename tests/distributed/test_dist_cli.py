@@ -37,7 +37,7 @@ def test_inspect_and_verify_cli(sharded, capsys):
     assert {t["key"] for t in s["tensors"]} == {"model.w", "model.b"}
     assert main(["verify", sharded]) == 0
     assert "OK" in capsys.readouterr().out
-    rank_file = [n for n in os.listdir(sharded) if n.endswith(".ckpt")][0]
+    rank_file = next(n for n in os.listdir(sharded) if n.endswith(".ckpt"))
     with open(os.path.join(sharded, rank_file), "r+b") as f:
         f.seek(4096)
         f.write(b"\xff\xff")
