@@ -22,7 +22,7 @@ INDEX_NAME = "ckptfmt-index.msgpack"
 FORMAT_NAME = "ckptfmt.distributed"
 INDEX_VERSION = 1
 #: default bytes per checksummed block of an extent
-DEFAULT_BLOCK_SIZE = 1 << 16
+DEFAULT_BLOCK_SIZE = 1 << 14
 MIN_BLOCK_SIZE, MAX_BLOCK_SIZE = 1 << 10, 1 << 30
 #: default cap on the index size a reader accepts
 MAX_INDEX_BYTES = 1 << 30
