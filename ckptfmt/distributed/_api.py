@@ -279,6 +279,28 @@ def async_save(state: dict[str, Any], path: str | os.PathLike[str], *, process_g
     writer = _writer(path, o)
     out: concurrent.futures.Future[str] = concurrent.futures.Future()
     p = os.fspath(path)
+    if _no_dist():  # one process: stage here, save in a thread of ours (DCP's would warn from its thread)
+        from torch.distributed.checkpoint.state_dict_saver import _stateful_to_state_dict
+
+        try:
+            staged = stager.stage(_stateful_to_state_dict(sel))
+        except Exception as e:
+            out.set_exception(from_dcp(e, p, "async save"))
+            return out
+
+        def run() -> None:
+            try:
+                with _no_gc(o.disable_gc):
+                    dcp.save(staged, storage_writer=writer, planner=SavePlanner(), no_dist=True)
+            except BaseException as e:
+                Location(path, storage_options=o.storage_options).abort()
+                out.set_exception(from_dcp(e, p, "async save"))
+                return
+            out.set_result(p)
+
+        threading.Thread(target=run, name="ckptfmt-async-save", daemon=True).start()
+        stager.pending = out
+        return out
     try:
         with _no_gc(o.disable_gc):
             fut = dcp.async_save(sel, storage_writer=writer, planner=SavePlanner(), process_group=pg,
