@@ -124,12 +124,11 @@ class Writer(StorageWriter):
         if block_size < 1024 or block_size & (block_size - 1):
             raise ValueError(f"block_size must be a power of two >= 1024, not {block_size}")
         if compression:
-            import inspect as _inspect
-
-            if "compression" not in _inspect.signature(_save_ckpt).parameters:
-                raise UnsupportedObjectError(
-                    "compression levels need the ckptfmt 1.1 format (ckptfmt.save(compression=...)), which this "
-                    "install lacks; save with compression=None")
+            # Byte-range reads (spec/DISTRIBUTED.md §6) address raw row-major bytes; compressed blobs
+            # (format 1.1) need a whole-chunk read path in the Reader, which is not written yet.
+            raise UnsupportedObjectError(
+                "compression levels are pending for sharded checkpoints (they need format 1.1 compressed "
+                "blobs and whole-chunk reads); save with compression=None")
         self.compression = compression
         self.block_size = block_size
         self.overwrite = overwrite
@@ -220,8 +219,6 @@ class Writer(StorageWriter):
                 order.append((item, "chunks", len(tensors)))
                 tensors.append(t)
         kwargs: dict[str, Any] = {}
-        if self.compression:
-            kwargs["compression"] = self.compression
         meta = {"ckptfmt.distributed": {"rank": self.rank, "file": file}}
 
         offsets: dict[str, list[int]] = {}
