@@ -40,8 +40,8 @@ class SaveOptions:
 
     ``model_only`` keeps only modules and the keys in :data:`MODEL_KEYS`; ``include_optimizer=False``
     drops optimizers and :data:`OPTIMIZER_KEYS`; ``rng_state`` adds each rank's RNG states under
-    ``rng_state/rank<N>``; ``timeout`` (s) bounds every collective wait; ``compression`` is a format
-    compression level (needs ckptfmt format 1.1).
+    ``rng_state/rank<N>``; ``timeout`` (s) bounds every collective wait; ``compression`` (a format
+    compression level) is pending: any level other than None is refused (spec/DISTRIBUTED.md §6).
     """
 
     name: str | None = None
