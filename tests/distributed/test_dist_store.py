@@ -90,3 +90,30 @@ def test_compression_option_is_refused_while_pending(tmp_path):
 
     with pytest.raises(ckptfmt.UnsupportedObjectError, match="pending"):
         cd.save({"w": torch.ones(2)}, tmp_path / "z", options=cd.SaveOptions(compression=3))
+
+
+def test_plain_dcp_default_planners_no_pickle_and_plan_caching(tmp_path, monkeypatch):
+    """dcp.save/load with our Writer/Reader and DCP's own planners: values are msgpack; torch.load is never
+    called; with plan caching the second save (new path) still commits its own files."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+
+    state = {"w": torch.arange(6.0), "cfg": {"betas": (0.9, 0.99)}, "n": 4}
+    planner = cd.SavePlanner(enable_plan_caching=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "torch.distributed is disabled ... single process"
+        dcp.save(state, storage_writer=cd.Writer(tmp_path / "a"), planner=planner)
+        state["n"] = 5
+        dcp.save(state, storage_writer=cd.Writer(tmp_path / "b"), planner=planner)
+        dcp.save(state, storage_writer=cd.Writer(tmp_path / "c"), planner=DefaultSavePlanner())
+
+        def no_unpickling(*a, **k):
+            raise AssertionError("torch.load called on the load path")
+
+        monkeypatch.setattr(torch, "load", no_unpickling)
+        for name, n in (("a", 4), ("b", 5), ("c", 5)):
+            t = {"w": torch.zeros(6), "cfg": {"betas": None}, "n": 0}
+            dcp.load(t, storage_reader=cd.Reader(tmp_path / name))  # DCP's DefaultLoadPlanner
+            assert t["n"] == n and t["cfg"]["betas"] == (0.9, 0.99) and torch.equal(t["w"], torch.arange(6.0))
