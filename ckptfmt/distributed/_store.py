@@ -183,8 +183,6 @@ class Location:
                 return b"\0" * (max_bytes + 1)  # the parser reports the cap
             return bytes(self._retry(lambda: self.fs.cat_file(p)))
         if not os.path.isfile(p):
-            if os.path.exists(self.old) and not os.path.exists(self.root):
-                raise CheckpointNotFoundError(p)
             raise CheckpointNotFoundError(p)
         with open(p, "rb") as f:
             data = f.read(max_bytes + 1)
