@@ -210,7 +210,13 @@ def load(path: Target, *, keys: Iterable[str] | str | None = None, verify: bool 
     writable arrays (the better choice on network filesystems). With ``verify``, each blob read is
     checked against its checksum first. ``path`` may be a binary file object or socket: a regular
     file at offset 0 is read in place, any other stream once, front to back, into anonymous memory.
+    A sharded directory (spec/DISTRIBUTED.md) loads consolidated, as numpy.
     """
+    if keys is None and is_path(path) and os.path.isdir(path):
+        from .distributed import consolidate, is_sharded_dir
+
+        if is_sharded_dir(path):
+            return consolidate(path)
     with _checkpoint(path, limits) as ckpt:
         return ckpt.load(keys=keys, verify=verify, mmap=mmap, backend=backend, device=device)
 

@@ -80,6 +80,10 @@ def _time_load(path: str, device: str) -> dict[str, Any]:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
+    from .distributed import _cli as sharded
+
+    if sharded.is_sharded(args.path):
+        return sharded.cmd_inspect(args)
     limit = None if args.all else _SHOWN_JSON if args.json else _SHOWN
     summary = _api.inspect(args.path, max_leaves=0 if args.all else limit)
     if args.device:
@@ -120,6 +124,10 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
+    from .distributed import _cli as sharded
+
+    if sharded.is_sharded(args.path):
+        return sharded.cmd_verify(args)
     report = _verify_with_progress(args.path, quiet=args.quiet or args.json)
     if args.json:
         print(json.dumps(report.to_dict(), indent=1))
@@ -213,6 +221,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--compression-opts", type=int, help="HDF5 only: gzip level 0-9")
     s.add_argument("--chunks", action="store_true", help="HDF5 only: chunked datasets")
     s.set_defaults(func=_cmd_export)
+    s = sub.add_parser("consolidate", help="write a sharded (distributed) checkpoint directory as one ckptfmt file")
+    s.add_argument("src")
+    s.add_argument("dst")
+    s.set_defaults(func=lambda a: __import__("ckptfmt.distributed._cli", fromlist=["_"]).cmd_consolidate(a))
     s = sub.add_parser("ls", help="list the checkpoints of a CheckpointManager directory (its index.json)")
     s.add_argument("directory")
     s.add_argument("--json", action="store_true", help="print the index as JSON")
