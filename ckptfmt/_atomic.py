@@ -276,6 +276,6 @@ def atomic_file(path: str | os.PathLike[str], *, durable: bool = True) -> Iterat
 
     For libraries that write to file objects (``torch.save``, ``h5py.File(f, "w")``); flushed before the commit.
     """
-    with atomic_write(path, durable=durable) as fd, open(fd, "r+b", closefd=False) as f:  # noqa: SIM117
+    with atomic_write(path, durable=durable) as fd, open(fd, "r+b", closefd=False) as f:
         yield f
         f.flush()

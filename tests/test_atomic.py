@@ -20,8 +20,8 @@ import pytest
 from conftest import temp_leftovers
 
 import ckptfmt
-import ckptfmt._writer
 import ckptfmt._atomic
+import ckptfmt._writer
 from ckptfmt._atomic import SLOTS, atomic_file, is_temp_name, open_temp, remove_stale_temps, temp_path
 
 OLD = {"w": np.arange(1000, dtype=np.float32), "step": 1}
