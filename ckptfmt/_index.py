@@ -76,10 +76,10 @@ def parse_index(path: str) -> dict[str, dict[str, Any]]:
     if not isinstance(entries, list):
         raise CorruptCheckpointError(path, "checkpoint index has no 'checkpoints' list")
     out: dict[str, dict[str, Any]] = {}
-    for e in entries:
-        if not isinstance(e, dict):
+    for item in entries:
+        if not isinstance(item, dict):
             continue
-        step, name, size, when, meta = (e.get(k) for k in ("step", "file", "size", "time", "metadata"))
+        step, name, size, when, meta = (item.get(k) for k in ("step", "file", "size", "time", "metadata"))
         if (isinstance(step, int) and not isinstance(step, bool) and isinstance(name, str) and step_of(name) == step
                 and isinstance(size, int) and isinstance(when, (int, float)) and isinstance(meta, dict)):
             out[name] = {"step": step, "file": name, "time": when, "size": size, "metadata": meta}
