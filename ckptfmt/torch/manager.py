@@ -15,7 +15,7 @@ import contextlib
 import os
 from typing import Any
 
-from .._atomic import fsync_directory
+from .._atomic import fsync_directory, remove_stale_temps
 from .._index import checkpoint_name, directory_lock, read_cache, scan, write_index
 from ..errors import CheckpointError, CheckpointNotFoundError
 from ._training import TrainingCheckpoint, load_checkpoint, restore_checkpoint, save_checkpoint
@@ -64,6 +64,7 @@ class CheckpointManager:
         """Write the checkpoint of ``step`` (arguments as :func:`save_checkpoint`), index it, then prune."""
         step = int(step)
         path = self.path(step)
+        remove_stale_temps(self.directory)  # each step has its own name: sweep the killed saves' temporaries
         save_checkpoint(path, model, optimizer, step=step, **what)  # atomic and durable
         with directory_lock(self.directory):
             entries, bad = scan(self.directory, read_cache(self.directory))
