@@ -10,6 +10,7 @@ read with a size cap, and a damaged one is ignored, never fatal.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
@@ -21,7 +22,7 @@ from ._atomic import atomic_write
 from .errors import CheckpointError, CorruptCheckpointError
 
 INDEX = "index.json"
-#: the lock file concurrent managers of one directory serialise their index updates and pruning on
+#: where directories cannot be locked: the file concurrent managers serialise index updates and pruning on
 LOCK = ".ckptfmt-manager.lock"
 #: an index larger than this is not read (a directory of 100,000 checkpoints needs about 20 MB)
 MAX_INDEX_BYTES = 64 << 20
@@ -152,15 +153,27 @@ def write_index(directory: str, entries: list[dict[str, Any]]) -> None:
 
 @contextlib.contextmanager
 def directory_lock(directory: str) -> Iterator[None]:
-    """Hold the directory's manager lock (an advisory ``flock`` on :data:`LOCK`); a no-op without fcntl."""
+    """Hold the directory's manager lock: an advisory ``flock`` on the directory itself.
+
+    Where a directory cannot be locked (NFS emulates flock with POSIX locks, which need a file open
+    for writing) the lock is taken on the file :data:`LOCK` in it instead. A no-op without fcntl.
+    """
     from . import _atomic
 
-    if _atomic.fcntl is None:
+    fcntl = _atomic.fcntl
+    if fcntl is None:
         yield
         return
-    fd = os.open(os.path.join(directory, LOCK), os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
+    fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0))
     try:
-        _atomic.fcntl.flock(fd, _atomic.fcntl.LOCK_EX)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as e:
+            if e.errno not in (errno.EBADF, errno.EINVAL, errno.ENOLCK, getattr(errno, "ENOTSUP", errno.EINVAL)):
+                raise
+            os.close(fd)
+            fd = os.open(os.path.join(directory, LOCK), os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
+            fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
         os.close(fd)

@@ -149,7 +149,7 @@ def test_sigkill_at_random_moments_of_save(tmp_path: Path, kills: int) -> None:
 @pytest.mark.parametrize("kills", [200, pytest.param(1000, marks=pytest.mark.slow)])
 def test_sigkill_at_random_moments_of_manager_save(tmp_path: Path, kills: int) -> None:
     torch = pytest.importorskip("torch")
-    from ckptfmt._index import INDEX, LOCK, step_of
+    from ckptfmt._index import INDEX, step_of
     from ckptfmt.torch import CheckpointManager
 
     def model(step: int) -> dict[str, Any]:
@@ -188,9 +188,9 @@ def test_sigkill_at_random_moments_of_manager_save(tmp_path: Path, kills: int) -
         assert len(steps) <= 2 + killed_since, names  # keep_last, plus those kills stopped before their prune
         temps = [n for n in names if is_temp_name(n)]
         assert len(temps) <= 2, names  # at most the checkpoint's and the index's, reaped by the next save
-        assert set(names) <= {INDEX, LOCK, *temps, *(f"step-{s:08d}.ckpt" for s in steps)}, names
+        assert set(names) <= {INDEX, *temps, *(f"step-{s:08d}.ckpt" for s in steps)}, names
     manager.save(kills + 1, model(kills + 1), rng=False)
-    assert sorted(os.listdir(tmp_path)) == sorted([INDEX, LOCK, f"step-{last:08d}.ckpt",
+    assert sorted(os.listdir(tmp_path)) == sorted([INDEX, f"step-{last:08d}.ckpt",
                                                    f"step-{kills + 1:08d}.ckpt"])
     FIGURES[f"manager x{kills}"] = outcomes
 

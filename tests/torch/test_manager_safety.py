@@ -204,3 +204,27 @@ def test_restore_hashes_each_byte_once(tmp_path: Path, monkeypatch: pytest.Monke
     big = sum(n for n in hashed if n >= 1024)  # blobs (the small ones are metadata and tiny tensors)
     assert blob_bytes <= sum(hashed) and big <= blob_bytes
     assert sum(hashed) < 1.5 * blob_bytes  # not twice, not three times
+
+
+def test_the_directory_lock_falls_back_to_a_lock_file_where_directories_cannot_be_locked(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+    import fcntl
+
+    import ckptfmt._atomic
+    from ckptfmt._index import LOCK
+
+    class NfsFcntl:
+        LOCK_EX, LOCK_NB = fcntl.LOCK_EX, fcntl.LOCK_NB
+
+        def flock(self, fd: int, op: int) -> None:
+            if os.path.isdir(f"/proc/self/fd/{fd}"):
+                raise OSError(errno.EBADF, "Bad file descriptor")  # NFS: flock emulated by POSIX locks
+            fcntl.flock(fd, op)
+
+    manager = CheckpointManager(tmp_path, keep_last=None)
+    manager.save(1, net(1))
+    assert not (tmp_path / LOCK).exists()  # locally the directory itself is locked
+    monkeypatch.setattr(ckptfmt._atomic, "fcntl", NfsFcntl())
+    manager.save(2, net(2))
+    assert (tmp_path / LOCK).exists() and [e["step"] for e in manager.list()] == [1, 2]
