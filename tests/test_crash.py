@@ -111,6 +111,10 @@ def timed(fn: Callable[[], None], repeat: int = 5) -> float:
     return sorted(times)[len(times) // 2]
 
 
+#: the large campaigns run only on request (CI runs ``slow`` tests too): CKPTFMT_LONG_CAMPAIGNS=1
+LONG = [pytest.mark.slow, pytest.mark.skipif(not os.environ.get("CKPTFMT_LONG_CAMPAIGNS"),
+                                             reason="long campaign: set CKPTFMT_LONG_CAMPAIGNS=1")]
+
 #: kills and outcomes of the campaigns of this run, for spec/SECURITY.md (printed with -s)
 FIGURES: dict[str, dict[str, int]] = {}
 
@@ -118,7 +122,7 @@ FIGURES: dict[str, dict[str, int]] = {}
 # ---------------------------------------------------------------- SIGKILL: ckptfmt.save
 
 
-@pytest.mark.parametrize("kills", [200, pytest.param(2000, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("kills", [200, pytest.param(2000, marks=LONG)])
 def test_sigkill_at_random_moments_of_save(tmp_path: Path, kills: int) -> None:
     rng = random.Random(kills)
     target = tmp_path / "run.ckpt"
@@ -146,7 +150,7 @@ def test_sigkill_at_random_moments_of_save(tmp_path: Path, kills: int) -> None:
 # ---------------------------------------------------------------- SIGKILL: CheckpointManager.save
 
 
-@pytest.mark.parametrize("kills", [200, pytest.param(1000, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("kills", [200, pytest.param(1000, marks=LONG)])
 def test_sigkill_at_random_moments_of_manager_save(tmp_path: Path, kills: int) -> None:
     torch = pytest.importorskip("torch")
     from ckptfmt._index import INDEX, step_of
