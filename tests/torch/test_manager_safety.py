@@ -166,7 +166,9 @@ RACER = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("keep", ["all", pytest.param("3", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("keep", ["all", pytest.param("3", marks=[
+    pytest.mark.slow, pytest.mark.skipif(not os.environ.get("CKPTFMT_LONG_CAMPAIGNS"),
+                                         reason="long campaign: set CKPTFMT_LONG_CAMPAIGNS=1")])])
 def test_four_processes_saving_through_managers_lose_nothing(tmp_path: Path, keep: str) -> None:
     procs = [subprocess.Popen([sys.executable, "-c", RACER, str(tmp_path), str(p), keep], stderr=subprocess.PIPE)
              for p in range(4)]
