@@ -273,6 +273,7 @@ HIERARCHY = {
     "InvalidKeyError": (errors.CheckpointError, ValueError),
     "CheckpointKeyError": (errors.CheckpointError, KeyError),
     "MissingDependencyError": (errors.CheckpointError, ImportError),
+    "DiskFullError": (errors.CheckpointError, OSError),
 }
 
 

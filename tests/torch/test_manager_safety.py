@@ -212,6 +212,7 @@ def test_the_directory_lock_falls_back_to_a_lock_file_where_directories_cannot_b
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import errno
     import fcntl
+    import stat
 
     import ckptfmt._atomic
     from ckptfmt._index import LOCK
@@ -220,7 +221,7 @@ def test_the_directory_lock_falls_back_to_a_lock_file_where_directories_cannot_b
         LOCK_EX, LOCK_NB = fcntl.LOCK_EX, fcntl.LOCK_NB
 
         def flock(self, fd: int, op: int) -> None:
-            if os.path.isdir(f"/proc/self/fd/{fd}"):
+            if stat.S_ISDIR(os.fstat(fd).st_mode):
                 raise OSError(errno.EBADF, "Bad file descriptor")  # NFS: flock emulated by POSIX locks
             fcntl.flock(fd, op)
 
