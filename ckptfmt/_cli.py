@@ -124,24 +124,120 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
+    import os
+
     from .distributed import _cli as sharded
 
-    if sharded.is_sharded(args.path):
+    if len(args.path) == 1 and sharded.is_sharded(args.path[0]):
         return sharded.cmd_verify(args)
-    report = _verify_with_progress(args.path, quiet=args.quiet or args.json)
-    if args.json:
-        print(json.dumps(report.to_dict(), indent=1))
-    elif report.ok:
-        note = "" if report.checksummed else " (file has no blob checksums: structure checked only)"
-        print(f"OK {report.path}: {report.tensors_checked} tensors, {_human(report.bytes_checked)} verified{note}")
+    if len(args.path) == 1 and not os.path.isdir(args.path[0]):
+        report = _verify_with_progress(args.path[0], quiet=args.quiet or args.json)
+        if args.json:
+            print(json.dumps(report.to_dict(), indent=1))
+        else:
+            _print_report(report, ok_lines=True)
+        return 0 if report.ok else 1
+    return _verify_tree(args.path, as_json=args.json, quiet=args.quiet)
+
+
+def _print_report(report: Any, *, ok_lines: bool) -> None:
+    if report.ok:
+        if ok_lines:
+            note = "" if report.checksummed else " (file has no blob checksums: structure checked only)"
+            print(f"OK {report.path}: {report.tensors_checked} tensors, {_human(report.bytes_checked)} verified{note}")
     else:
         print(f"FAILED {report.path}:")
         for err in report.errors:
             print(f"  {err}")
-    return 0 if report.ok else 1
+
+
+def _walk_checkpoints(roots: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Every ``.ckpt`` file under ``roots`` (recursively, symlinked directories not followed) and the temporaries."""
+    import os
+
+    from ._atomic import is_temp_name
+
+    files: list[str] = []
+    temps: list[str] = []
+    for root in roots:
+        if not os.path.isdir(root):
+            if not os.path.exists(root):
+                raise CheckpointNotFoundError(root)
+            files.append(root)
+            continue
+        for d, subdirs, names in os.walk(root):
+            subdirs.sort()
+            for name in sorted(names):
+                if name.endswith(".ckpt"):
+                    files.append(os.path.join(d, name))
+                elif is_temp_name(name):
+                    temps.append(os.path.join(d, name))
+    return files, temps
+
+
+def _verify_tree(roots: Sequence[str], *, as_json: bool, quiet: bool) -> int:
+    """``ckptfmt verify DIR...``: every ``.ckpt`` file below, one report each; exit 1 if any is damaged (for cron)."""
+    import os
+
+    from ._reader import VerifyReport
+
+    files, temps = _walk_checkpoints(roots)
+    sizes = []
+    for f in files:
+        try:
+            sizes.append(os.path.getsize(f))
+        except OSError:
+            sizes.append(0)
+    total = sum(sizes)
+    bar: Any = None
+    if not (quiet or as_json) and (sys.stderr.isatty() or total >= (256 << 20)):
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, unit="B", unit_scale=True, desc="verify", file=sys.stderr)
+    reports = []
+    try:
+        for path, size in zip(files, sizes, strict=True):
+            try:
+                report = _verify_one(path, None if bar is None else bar.update)
+            except OSError as e:  # vanished or unreadable while the tree was walked
+                report = VerifyReport(path, ok=False, errors=[str(e)])
+            if bar is not None:
+                bar.update(max(0, size - report.bytes_checked))
+            reports.append(report)
+            if not as_json:
+                if bar is not None and not report.ok:
+                    bar.clear()
+                _print_report(report, ok_lines=False)
+    finally:
+        if bar is not None:
+            bar.close()
+    damaged = [r for r in reports if not r.ok]
+    if as_json:
+        print(json.dumps({"roots": list(roots), "ok": not damaged, "files": len(reports), "damaged": len(damaged),
+                          "bytes_checked": sum(r.bytes_checked for r in reports), "temporaries": temps,
+                          "reports": [r.to_dict() for r in reports]}, indent=1))
+    else:
+        checked = sum(r.bytes_checked for r in reports)
+        print(f"{len(reports)} checkpoint files, {_human(checked)} verified: "
+              + (f"{len(damaged)} DAMAGED" if damaged else "all OK")
+              + (f"; {len(temps)} temporaries of interrupted saves (remove_stale_temps clears them)" if temps else ""))
+    return 1 if damaged else 0
 
 
 def _verify_with_progress(path: str, *, quiet: bool) -> Any:
+    """Verify one file, with a progress bar on stderr for large files."""
+    import os
+
+    size = os.path.getsize(path) if os.path.isfile(path) else 0
+    if quiet or size < (256 << 20):
+        return _verify_one(path, None)
+    from tqdm import tqdm
+
+    with tqdm(total=size, unit="B", unit_scale=True, desc="verify", file=sys.stderr) as bar:
+        return _verify_one(path, bar.update)
+
+
+def _verify_one(path: str, progress: Any) -> Any:
     from ._reader import Checkpoint, VerifyReport
 
     try:
@@ -151,13 +247,7 @@ def _verify_with_progress(path: str, *, quiet: bool) -> Any:
             raise
         return VerifyReport(path, ok=False, errors=[str(e)])
     with ckpt:
-        total = int(ckpt.manifest.tensors.nbytes.sum()) if len(ckpt) else 0
-        if quiet or total < (256 << 20):
-            return ckpt.verify()
-        from tqdm import tqdm
-
-        with tqdm(total=total, unit="B", unit_scale=True, desc="verify", file=sys.stderr) as bar:
-            return ckpt.verify(progress=bar.update)
+        return ckpt.verify(progress=progress)
 
 
 def _cmd_diff(args: argparse.Namespace) -> int:
@@ -188,8 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--all", action="store_true",
                    help=f"list every leaf (the default stops after {_SHOWN}, {_SHOWN_JSON} with --json)")
     s.set_defaults(func=_cmd_inspect)
-    s = sub.add_parser("verify", help="check every checksum and padding byte (exit 1 if any fails)")
-    s.add_argument("path")
+    s = sub.add_parser("verify", help="check every checksum and padding byte of a file, or of every .ckpt file "
+                                      "under a directory (exit 1 if any fails)")
+    s.add_argument("path", nargs="+", help="checkpoint files and/or directories (searched recursively)")
     s.add_argument("--json", action="store_true", help="print the report as JSON")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=_cmd_verify)

@@ -19,7 +19,8 @@ user would catch for the same situation::
     ├── InvalidKeyError (ValueError)
     ├── CheckpointKeyError (KeyError)
     ├── CheckpointClosedError (ValueError)
-    └── MissingDependencyError (ImportError)
+    ├── MissingDependencyError (ImportError)
+    └── DiskFullError (OSError)
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ __all__ = [
     "CheckpointNotFoundError",
     "ChecksumMismatchError",
     "CorruptCheckpointError",
+    "DiskFullError",
     "InvalidKeyError",
     "InvalidMetadataError",
     "MetadataLimitError",
@@ -145,3 +147,14 @@ class CheckpointClosedError(CheckpointError, ValueError):
 
 class MissingDependencyError(CheckpointError, ImportError):
     """An optional dependency (torch, cupy, h5py, ...) is needed and not installed; names the extra."""
+
+
+class DiskFullError(CheckpointError, OSError):
+    """A save ran out of space (ENOSPC, EDQUOT): its temporary is removed, the previous file untouched."""
+
+    def __init__(self, path: str | os.PathLike[str], cause: OSError) -> None:
+        super().__init__(cause.errno, f"no space left to save {os.fspath(path)!s}: {cause.strerror or cause}; "
+                                      "the previous file is untouched, free space and save again", os.fspath(path))
+
+    def __str__(self) -> str:
+        return str(self.args[1]) if len(self.args) > 1 else super().__str__()

@@ -15,7 +15,7 @@ import pytest
 import ckptfmt
 
 EXPORTS = [
-    "DTYPES", "ArrayBackend", "DType", "DeviceSource",
+    "DTYPES", "ArrayBackend", "DType", "DeviceSource", "DiskFullError",
     "BadMagicError", "Checkpoint", "CheckpointError", "CheckpointKeyError", "CheckpointNotFoundError",
     "ChecksumMismatchError", "CorruptCheckpointError", "FORMAT_MAJOR", "FORMAT_MINOR", "InvalidKeyError",
     "InvalidMetadataError", "LazyArray", "Limits", "MetadataLimitError", "MissingDependencyError",

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import errno
+import fcntl as real_fcntl
 import os
 import random
-import re
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -19,8 +20,9 @@ import pytest
 from conftest import temp_leftovers
 
 import ckptfmt
+import ckptfmt._atomic
 import ckptfmt._writer
-from ckptfmt._atomic import is_temp_name, remove_stale_temps, temp_path
+from ckptfmt._atomic import SLOTS, atomic_file, is_temp_name, open_temp, remove_stale_temps, temp_path
 
 OLD = {"w": np.arange(1000, dtype=np.float32), "step": 1}
 
@@ -172,54 +174,19 @@ def test_concurrent_saves_to_one_path_leave_one_complete_file(tmp_ckpt: Path) ->
 
 
 def test_temp_names_are_recognised(tmp_ckpt: Path) -> None:
-    tmp = temp_path(str(tmp_ckpt))
+    tmp = temp_path(str(tmp_ckpt), 0)
     name = os.path.basename(tmp)
     assert os.path.dirname(tmp) == str(tmp_ckpt.parent)
-    assert name.startswith(".model.ckpt.ckptfmt-tmp.") and f".{os.getpid()}." in name
+    assert name.startswith(".model.ckpt.") and name.endswith(".ckptfmt-tmp.0")
     assert is_temp_name(name)
-    assert temp_path(str(tmp_ckpt)) != tmp  # random part
-    for other in ["model.ckpt", ".model.ckpt", ".model.ckpt.ckptfmt-tmp.host.12.zzzzzzzz",
-                  ".model.ckpt.ckptfmt-tmp.host.x12.0123abcd", "model.ckpt.ckptfmt-tmp.host.12.0123abcd",
-                  ".model.ckpt.ckptfmt-tmp.host.12.0123abcd.extra", ".m.ckptfmt-tmp.ho st.12.0123abcd"]:
+    assert temp_path(str(tmp_ckpt), 0) == tmp  # slots are fixed: the sweep probes them, never lists
+    assert temp_path(str(tmp_ckpt.parent / "other.ckpt"), 0) != tmp
+    overflow = os.path.basename(temp_path(str(tmp_ckpt)))
+    assert is_temp_name(overflow) and overflow != os.path.basename(temp_path(str(tmp_ckpt)))  # random
+    for other in ["model.ckpt", ".model.ckpt", ".model.ckpt.0123abcd.ckptfmt-tmp.x",
+                  ".model.ckpt.0123abcd.ckptfmt-tmp.12", "model.ckpt.0123abcd.ckptfmt-tmp.1",
+                  ".model.ckpt.0123abcd.ckptfmt-tmp.1.extra", ".model.ckpt.ckptfmt-tmp.1"]:
         assert not is_temp_name(other), other
-
-
-def with_pid(template: str, pid: int, tag: str = "0123abcd") -> str:
-    """A temporary name as a process ``pid`` of this host would have made it."""
-    return re.sub(r"\.\d+\.[0-9a-f]{8}$", f".{pid}.{tag}", os.path.basename(template))
-
-
-def dead_pid() -> int:
-    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
-                          check=True)
-    return int(proc.stdout)
-
-
-def test_stale_temporaries_are_removed_by_the_next_save(tmp_ckpt: Path) -> None:
-    directory = tmp_ckpt.parent
-    template = temp_path(str(tmp_ckpt))
-    sleeper = subprocess.Popen(["sleep", "60"])
-    try:
-        dead = with_pid(template, dead_pid(), "0000dead")
-        other_target = with_pid(temp_path(str(directory / "other.ckpt")), dead_pid(), "0000beef")
-        alive = with_pid(template, sleeper.pid, "000a11fe")
-        mine = with_pid(template, os.getpid(), "0000a1e5")
-        other_host = re.sub(r"ckptfmt-tmp\.[^.]+\.", "ckptfmt-tmp.some-other-host.", dead)
-        lookalike = ".model.ckpt.ckptfmt-tmp.notes.txt"
-        for name in (dead, other_target, alive, mine, other_host, lookalike):
-            (directory / name).write_bytes(b"partial")
-        ckptfmt.save(tmp_ckpt, {"w": np.ones(3)})
-        left = set(os.listdir(directory))
-        assert dead not in left and other_target not in left  # dead writers of this host
-        assert {alive, mine, other_host, lookalike, "model.ckpt"} == left
-        sleeper.kill()
-        sleeper.wait()
-        assert remove_stale_temps(str(directory)) == [str(directory / alive)]
-    finally:
-        if sleeper.poll() is None:
-            sleeper.kill()
-            sleeper.wait()
-    assert set(os.listdir(directory)) == {mine, other_host, lookalike, "model.ckpt"}
 
 
 # ---------------------------------------------------------------- SIGKILL at random moments
@@ -309,3 +276,230 @@ def test_sigkill_during_saves_never_damages_the_checkpoint(tmp_path: Path) -> No
     finally:
         for p in tmp_path.iterdir():
             p.unlink()
+
+
+# ---------------------------------------------------------------- liveness, names, links, modes, fsync
+
+HOLDER = r"""
+import os, sys, time
+from ckptfmt._atomic import open_temp
+tmp, fd = open_temp(sys.argv[1])
+os.write(fd, b"partial")
+pid = os.fork()
+if pid == 0:  # the lock holder: shares the open file (and its lock) with its parent
+    null = os.open(os.devnull, os.O_RDWR)
+    os.dup2(null, 1)
+    os.dup2(null, 2)
+    time.sleep(60)
+    os._exit(0)
+print(tmp, pid, flush=True)
+os._exit(0)  # the creator dies: its PID is dead here, as a writer's of another PID namespace looks
+"""
+
+
+def test_the_sweep_never_deletes_a_temporary_whose_lock_is_held(tmp_ckpt: Path) -> None:
+    proc = subprocess.run([sys.executable, "-c", HOLDER, str(tmp_ckpt)], capture_output=True, text=True, timeout=60,
+                          check=True)
+    tmp, holder = proc.stdout.split()
+    try:
+        ckptfmt.save(tmp_ckpt, {"w": np.ones(3)})  # sweeps the target's slots: the held one stays
+        assert Path(tmp).read_bytes() == b"partial"
+        assert remove_stale_temps(str(tmp_ckpt.parent)) == []
+        assert Path(tmp).exists() and ckptfmt.load(tmp_ckpt)["w"].tolist() == [1, 1, 1]
+    finally:
+        os.kill(int(holder), signal.SIGKILL)
+    for _ in range(200):  # the holder is reaped by init; its lock goes with its last descriptor
+        if subprocess.run(["kill", "-0", holder], capture_output=True).returncode != 0:
+            break
+        time.sleep(0.05)
+    ckptfmt.save(tmp_ckpt, {"w": np.zeros(3)})
+    assert temp_leftovers(tmp_ckpt.parent) == []
+
+
+def test_a_save_sweeps_only_its_own_slots_and_never_lists_the_directory(tmp_ckpt: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    directory = tmp_ckpt.parent
+    own = [temp_path(str(tmp_ckpt), s) for s in (0, 3, 7)]
+    other = temp_path(str(directory / "other.ckpt"), 0)
+    overflow = temp_path(str(tmp_ckpt))  # past the slots: only a directory sweep finds it
+    lookalike = directory / ".model.ckpt.ckptfmt-tmp.notes.txt"
+    for p in [*own, other, overflow, lookalike]:
+        Path(p).write_bytes(b"stale")
+
+    def no_listing(*args: Any) -> Any:
+        raise AssertionError("a save listed the directory")
+
+    monkeypatch.setattr(os, "listdir", no_listing)
+    monkeypatch.setattr(os, "scandir", no_listing)
+    ckptfmt.save(tmp_ckpt, {"w": np.ones(3)})
+    monkeypatch.undo()
+    assert set(os.listdir(directory)) == {"model.ckpt", os.path.basename(other), os.path.basename(overflow),
+                                          lookalike.name}
+    assert sorted(remove_stale_temps(str(directory))) == sorted([other, overflow])
+    assert set(os.listdir(directory)) == {"model.ckpt", lookalike.name}
+
+
+def test_more_writers_than_slots_use_random_names(tmp_ckpt: Path) -> None:
+    held = [open_temp(str(tmp_ckpt)) for _ in range(SLOTS + 2)]
+    try:
+        names = [os.path.basename(p) for p, _ in held]
+        assert names[:SLOTS] == [os.path.basename(temp_path(str(tmp_ckpt), s)) for s in range(SLOTS)]
+        assert all(is_temp_name(n) and ".ckptfmt-tmp.r" in n for n in names[SLOTS:])
+        assert remove_stale_temps(str(tmp_ckpt.parent)) == []  # all held (same process, own locks)
+        ckptfmt.save(tmp_ckpt, {"w": np.ones(2)})
+    finally:
+        for _, fd in held:
+            os.close(fd)
+    assert len(remove_stale_temps(str(tmp_ckpt.parent))) == SLOTS + 2
+    assert os.listdir(tmp_ckpt.parent) == ["model.ckpt"]
+
+
+@pytest.mark.parametrize("length", [200, 240, 255])
+def test_long_target_names_fit_name_max(tmp_path: Path, length: int) -> None:
+    target = tmp_path / ("x" * (length - 5) + ".ckpt")
+    ckptfmt.save(target, {"w": np.arange(4)})
+    assert ckptfmt.load(target)["w"].tolist() == [0, 1, 2, 3]
+    for slot in (0, None):
+        assert len(os.fsencode(os.path.basename(temp_path(str(target), slot)))) <= 255
+    unicode = tmp_path / ("é" * 120 + ".ckpt")  # 245 bytes in UTF-8
+    assert len(os.fsencode(os.path.basename(temp_path(str(unicode), None)))) <= 255
+    ckptfmt.save(unicode, {"w": np.arange(2)})
+    assert temp_leftovers(tmp_path) == []
+
+
+def test_saving_through_a_symlink_replaces_the_file_it_names(tmp_path: Path) -> None:
+    (tmp_path / "runs").mkdir()
+    real = tmp_path / "runs" / "step100.ckpt"
+    ckptfmt.save(real, {"step": 100})
+    link = tmp_path / "latest.ckpt"
+    link.symlink_to(os.path.relpath(real, tmp_path))
+    ckptfmt.save(link, {"step": 101})
+    assert link.is_symlink() and os.readlink(link) == os.path.join("runs", "step100.ckpt")
+    assert ckptfmt.load(real) == {"step": 101}
+    dangling = tmp_path / "next.ckpt"
+    dangling.symlink_to("runs/step200.ckpt")
+    ckptfmt.save(dangling, {"step": 200})  # as open(path, "wb") would: the file the link names is created
+    assert dangling.is_symlink() and ckptfmt.load(tmp_path / "runs" / "step200.ckpt") == {"step": 200}
+    assert temp_leftovers(tmp_path) == [] and temp_leftovers(tmp_path / "runs") == []
+
+
+def test_the_existing_files_mode_is_kept_and_new_files_honour_the_umask(tmp_path: Path) -> None:
+    kept = tmp_path / "private.ckpt"
+    ckptfmt.save(kept, {"v": 1})
+    os.chmod(kept, 0o600)
+    ckptfmt.save(kept, {"v": 2})
+    assert (kept.stat().st_mode & 0o777, ckptfmt.load(kept)) == (0o600, {"v": 2})
+    old = os.umask(0o027)
+    try:
+        ckptfmt.save(tmp_path / "new.ckpt", {"v": 1})
+    finally:
+        os.umask(old)
+    assert (tmp_path / "new.ckpt").stat().st_mode & 0o777 == 0o640
+
+
+@pytest.mark.parametrize("code, ignored", [(errno.EINVAL, True), (errno.ENOTSUP, True), (errno.EBADF, True),
+                                           (errno.EIO, False), (errno.EACCES, False)])
+def test_fsync_directory_ignores_only_unsupported(tmp_ckpt: Path, monkeypatch: pytest.MonkeyPatch, code: int,
+                                                  ignored: bool) -> None:
+    real = os.fsync
+
+    def fsync(fd: int) -> None:
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(code, os.strerror(code))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    if ignored:
+        ckptfmt.save(tmp_ckpt, {"v": 1})
+    else:
+        with pytest.raises(OSError) as info:
+            ckptfmt.save(tmp_ckpt, {"v": 1})
+        assert info.value.errno == code
+    monkeypatch.undo()
+    assert ckptfmt.load(tmp_ckpt) == {"v": 1}  # renamed either way; only its durability was in doubt
+    assert temp_leftovers(tmp_ckpt.parent) == []
+
+
+class FakeMacFcntl:
+    """``fcntl`` as on macOS: F_FULLFSYNC exists (flock delegates to the real one)."""
+
+    F_FULLFSYNC = 51
+    LOCK_EX, LOCK_NB = real_fcntl.LOCK_EX, real_fcntl.LOCK_NB
+
+    def __init__(self, refuse: bool = False) -> None:
+        self.full: list[int] = []
+        self.refuse = refuse
+
+    def flock(self, fd: int, op: int) -> None:
+        real_fcntl.flock(fd, op)
+
+    def fcntl(self, fd: int, cmd: int, arg: int = 0) -> int:
+        assert cmd == self.F_FULLFSYNC
+        if self.refuse:
+            raise OSError(errno.ENOTSUP, "Operation not supported")
+        self.full.append(fd)
+        return 0
+
+
+@pytest.mark.parametrize("refuse", [False, True])
+def test_full_fsync_where_the_platform_has_it(tmp_ckpt: Path, monkeypatch: pytest.MonkeyPatch,
+                                              refuse: bool) -> None:
+    fake = FakeMacFcntl(refuse)
+    synced: list[int] = []
+    monkeypatch.setattr(ckptfmt._atomic, "fcntl", fake)
+    monkeypatch.setattr(os, "fsync", synced.append)
+    ckptfmt.save(tmp_ckpt, {"v": 1})
+    monkeypatch.undo()
+    assert (len(fake.full), len(synced)) == ((0, 2) if refuse else (2, 0))  # file and directory
+    assert ckptfmt.load(tmp_ckpt) == {"v": 1}
+
+
+def test_without_fcntl_liveness_is_a_failed_unlink(tmp_ckpt: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Windows: no fcntl, no os.kill probe; a temporary whose unlink fails belongs to a live writer."""
+    monkeypatch.setattr(ckptfmt._atomic, "fcntl", None)
+
+    def no_kill(*args: Any) -> None:
+        raise AssertionError("os.kill is no liveness probe on Windows (signal 0 is CTRL_C_EVENT)")
+
+    monkeypatch.setattr(os, "kill", no_kill)
+    stale = Path(temp_path(str(tmp_ckpt), 0))
+    live = Path(temp_path(str(tmp_ckpt), 1))
+    stale.write_bytes(b"dead writer")
+    live.write_bytes(b"live writer")
+    real_unlink = os.unlink
+
+    def windows_unlink(p: Any, *args: Any, **kwargs: Any) -> None:
+        if os.fspath(p) == str(live):
+            raise PermissionError(errno.EACCES, "The process cannot access the file: it is being used")
+        real_unlink(p, *args, **kwargs)
+
+    monkeypatch.setattr(os, "unlink", windows_unlink)
+    ckptfmt.save(tmp_ckpt, {"v": 1})
+    assert not stale.exists() and live.read_bytes() == b"live writer"
+    monkeypatch.undo()
+    assert ckptfmt.load(tmp_ckpt) == {"v": 1}
+
+
+def test_atomic_file_gives_a_seekable_file_object(tmp_path: Path) -> None:
+    target = tmp_path / "blob.bin"
+    target.write_bytes(b"old")
+    with atomic_file(target) as f:
+        f.write(b"hello world")
+        f.seek(0)
+        assert f.read(5) == b"hello"
+        assert target.read_bytes() == b"old"  # nothing visible before the commit
+    assert target.read_bytes() == b"hello world"
+    with pytest.raises(RuntimeError), atomic_file(target) as f:
+        f.write(b"half")
+        raise RuntimeError("failed midway")
+    assert target.read_bytes() == b"hello world" and temp_leftovers(tmp_path) == []
+
+
+def test_h5py_writes_through_atomic_file(tmp_path: Path) -> None:
+    h5py = pytest.importorskip("h5py")
+    target = tmp_path / "x.h5"
+    with atomic_file(target) as f, h5py.File(f, "w") as h5:
+        h5["a"] = np.arange(5)
+    with h5py.File(target, "r") as h5:
+        assert h5["a"][()].tolist() == [0, 1, 2, 3, 4]
+    assert temp_leftovers(tmp_path) == []

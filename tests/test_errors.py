@@ -276,6 +276,7 @@ HIERARCHY = {
     "CheckpointKeyError": (errors.CheckpointError, KeyError),
     "CheckpointClosedError": (errors.CheckpointError, ValueError),
     "MissingDependencyError": (errors.CheckpointError, ImportError),
+    "DiskFullError": (errors.CheckpointError, OSError),
 }
 
 

@@ -19,6 +19,7 @@ import os
 import pickle
 
 from ..errors import CheckpointError, CorruptCheckpointError
+from ..errors import DiskFullError as _CoreDiskFullError
 
 __all__ = [
     "ConversionError",
@@ -71,11 +72,14 @@ class UnsafePickleError(ConversionError, pickle.UnpicklingError):
         super().__init__(f"{self.path}: {message}")
 
 
-class DiskFullError(ConversionError, OSError):
-    """Writing ``filename`` failed for lack of space (``errno`` is ``ENOSPC``); the previous file there is intact."""
+class DiskFullError(ConversionError, _CoreDiskFullError):
+    """Writing ``filename`` failed for lack of space (``errno`` is ``ENOSPC``); the previous file there is intact.
+
+    Also a :class:`ckptfmt.DiskFullError`, so one ``except`` catches a full disk in saves and exports alike.
+    """
 
     def __init__(self, path: str | os.PathLike[str], message: str) -> None:
-        super().__init__(errno.ENOSPC, f"{os.fspath(path)}: {message}", os.fspath(path))
+        OSError.__init__(self, errno.ENOSPC, f"{os.fspath(path)}: {message}", os.fspath(path))
 
     def __str__(self) -> str:
         return str(self.strerror)

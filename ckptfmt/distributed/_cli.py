@@ -35,7 +35,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    r = verify(args.path)
+    r = verify(args.path[0] if isinstance(args.path, list) else args.path)
     if args.json:
         print(json.dumps(r.to_dict(), indent=1))
     elif r.ok:

@@ -65,6 +65,8 @@ class TrainingCheckpoint:
     extra: Any = None
     metadata: dict[str, Any] = field(default_factory=dict)
     path: str | None = None
+    #: whether the tensors are views of a memory map of the file (``load_checkpoint(mmap=True)``)
+    mapped: bool = field(default=False, repr=False, compare=False)
 
 
 # ---------------------------------------------------------------- RNG
@@ -156,11 +158,16 @@ def save_checkpoint(path: str | os.PathLike[str], model: torch.nn.Module | dict[
     return _api.save(path, tree, metadata=summary, durable=durable, background=background, staging=staging)
 
 
-def load_checkpoint(path: str | os.PathLike[str], *, map_location: str = "cpu", verify: bool = True
-                    ) -> TrainingCheckpoint:
-    """Read a training checkpoint; tensors land on ``map_location``. The model is not needed."""
+def load_checkpoint(path: str | os.PathLike[str], *, map_location: str = "cpu", verify: bool = True,
+                    mmap: bool = True) -> TrainingCheckpoint:
+    """Read a training checkpoint; tensors land on ``map_location``. The model is not needed.
+
+    ``mmap=True`` (the default) makes CPU tensors views of a map of the file (fast, no copy);
+    ``mmap=False`` reads them into the process's own memory. With ``verify`` each blob is checked
+    as it is read: every byte hashed once.
+    """
     with _api.open(path) as ckpt:
-        tree = ckpt.load(backend="torch", device=map_location, verify=verify)
+        tree = ckpt.load(backend="torch", device=map_location, verify=verify, mmap=mmap)
         metadata = dict(ckpt.metadata)
         where = ckpt.path
     if not isinstance(tree, dict) or tree.get("kind") != KIND:
@@ -176,7 +183,20 @@ def load_checkpoint(path: str | os.PathLike[str], *, map_location: str = "cpu", 
         model_state=tree["model"], optimizer_state=tree.get("optimizer"), scheduler_state=tree.get("scheduler"),
         scaler_state=tree.get("scaler"), rng_state=tree.get("rng"), epoch=progress.get("epoch"),
         step=progress.get("step"), loss=progress.get("loss"), config=tree.get("config"), vocab=tree.get("vocab"),
-        extra=tree.get("extra"), metadata=metadata, path=where)
+        extra=tree.get("extra"), metadata=metadata, path=where, mapped=mmap and str(map_location) == "cpu")
+
+
+def _owned(value: Any) -> Any:
+    """``value`` with every tensor copied into fresh memory (a restored state must not stay mapped on the file)."""
+    if isinstance(value, torch.Tensor):
+        return value.clone()
+    if isinstance(value, dict):
+        return {k: _owned(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_owned(v) for v in value]
+    if isinstance(value, tuple) and not hasattr(value, "_fields"):
+        return tuple(_owned(v) for v in value)
+    return value
 
 
 def restore_checkpoint(ckpt: TrainingCheckpoint, model: torch.nn.Module, optimizer: Any = None, *,
@@ -184,7 +204,10 @@ def restore_checkpoint(ckpt: TrainingCheckpoint, model: torch.nn.Module, optimiz
                        restore_rng: bool = True) -> TrainingCheckpoint:
     """Put a loaded checkpoint back into live objects; returns ``ckpt`` for chaining.
 
-    Shapes are checked before anything is written into the model. ``strict``: any missing,
+    Nothing restored stays mapped on the file: the model's parameters are copied into, and optimizer,
+    scheduler and scaler states are copied before they are handed over when ``ckpt`` is mapped, so
+    the file may then be pruned, replaced or truncated. Shapes are checked before anything is
+    written into the model. ``strict``: any missing,
     unexpected or mis-shaped key raises :class:`StateDictMismatchError` listing them all;
     otherwise each kind is reported in one warning and skipped, and the rest is restored.
     """
@@ -211,7 +234,7 @@ def restore_checkpoint(ckpt: TrainingCheckpoint, model: torch.nn.Module, optimiz
             continue
         if state is None:
             raise CheckpointError(f"{ckpt.path}: the checkpoint holds no {name} state to restore")
-        obj.load_state_dict(state)
+        obj.load_state_dict(_owned(state) if ckpt.mapped else state)
     if restore_rng and ckpt.rng_state is not None:
         restore_rng_state(ckpt.rng_state)
     return ckpt

@@ -79,6 +79,7 @@ __all__ = [
     "DuplicateActivationError",
     "ManagerClosedError",
     "MemoryStats",
+    "SavedTensorModifiedError",
     "offload_saved_tensors",
 ]
 
@@ -96,6 +97,10 @@ class ActivationNotFoundError(CheckpointError, KeyError):
 
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else ""
+
+
+class SavedTensorModifiedError(CheckpointError, RuntimeError):
+    """Backward needs a tensor that was changed in place after autograd saved it (as autograd itself raises)."""
 
 
 class ManagerClosedError(CheckpointError, RuntimeError):
@@ -216,8 +221,8 @@ def _storage_order(t: torch.Tensor) -> tuple[int, ...] | None:
 
 
 class _Entry:
-    __slots__ = ("access_count", "counter_lock", "created_at", "device", "dtype", "event", "host", "key", "nbytes",
-                 "path", "perm", "pool", "seq", "spillable", "stored_shape", "tensor", "where")
+    __slots__ = ("access_count", "counter_lock", "created_at", "device", "dtype", "event", "host", "key", "modified",
+                 "nbytes", "path", "perm", "pool", "seq", "spillable", "stored_shape", "tensor", "version", "where")
 
     def __init__(self, key: str, tensor: torch.Tensor, seq: int) -> None:
         self.key = key
@@ -238,6 +243,24 @@ class _Entry:
         self.created_at = time.time()
         self.access_count = 0
         self.counter_lock = threading.Lock()
+        #: for autograd's saved tensors: the version it saved, and whether it was changed in place before a spill
+        self.version: int | None = None
+        self.modified = False
+
+    def check_version(self) -> None:
+        """Note (before its data leaves the device) whether a saved tensor was changed in place since it was saved."""
+        if self.version is not None and self.tensor is not None and self.tensor._version != self.version:
+            self.modified = True
+
+    def changed(self, tensor: torch.Tensor) -> str | None:
+        """Why ``tensor``, retrieved for backward, is not what autograd saved (None when it is)."""
+        if self.version is None:
+            return None
+        if self.modified:
+            return f"it was modified in place before it was offloaded; expected version {self.version}"
+        if self.tensor is tensor and tensor._version != self.version:
+            return f"is at version {tensor._version}; expected version {self.version} instead"
+        return None
 
     def stored(self, t: torch.Tensor, *, contiguous: bool) -> torch.Tensor:
         """``t`` (this entry's tensor) in storage order, without a copy when it is dense."""
@@ -387,6 +410,33 @@ class ActivationCheckpointManager:
         finally:
             self._lock.release_write()
 
+    def _register_saved(self, layer_id: str, tensor: torch.Tensor, version: int) -> None:
+        """:meth:`register` for autograd: remembers ``version`` so that backward can tell an in-place change."""
+        self._lock.acquire_write()
+        try:
+            self._write_prologue()
+            if layer_id in self._entries:
+                raise DuplicateActivationError(f"an activation is already registered as {layer_id!r}")
+            self._insert(layer_id, tensor, version)
+        finally:
+            self._lock.release_write()
+
+    def _retrieve_saved(self, layer_id: str) -> torch.Tensor:
+        """For backward: the saved tensor, or :class:`SavedTensorModifiedError` as autograd raises it."""
+        tensor = self.retrieve_or_recompute(layer_id)
+        self._lock.acquire_read()
+        try:
+            entry = self._entries.get(layer_id)
+            why = entry.changed(tensor) if entry is not None else None
+        finally:
+            self._lock.release_read()
+        if why is not None:
+            raise SavedTensorModifiedError(
+                "one of the variables needed for gradient computation has been modified by an inplace operation: "
+                f"[{tensor.dtype} {list(tensor.shape)}] saved under offload_saved_tensors {why}. Hint: do not "
+                "modify in place a tensor autograd saved (clone it first)")
+        return tensor
+
     def has(self, layer_id: str) -> bool:
         """Whether an activation is registered as ``layer_id`` (wherever it is now)."""
         _check_id(layer_id, allow_empty=True)
@@ -520,8 +570,9 @@ class ActivationCheckpointManager:
             return self._budgets[pool]
         return self._budgets.get(pool.split(":", 1)[0])
 
-    def _insert(self, key: str, tensor: torch.Tensor) -> None:
+    def _insert(self, key: str, tensor: torch.Tensor, version: int | None = None) -> None:
         entry = _Entry(key, tensor, next(self._seq))
+        entry.version = version
         self._entries[key] = entry
         self._total += entry.nbytes
         try:
@@ -602,6 +653,7 @@ class ActivationCheckpointManager:
     def _spill(self, entry: _Entry) -> None:
         """Move ``entry`` (not counted) one tier down: CUDA to pinned host memory, host to disk."""
         t0 = time.perf_counter()
+        entry.check_version()
         if entry.where == "device" and entry.device.type == "cuda":
             assert entry.tensor is not None
             src = entry.stored(entry.tensor, contiguous=True)
@@ -678,6 +730,8 @@ class ActivationCheckpointManager:
                 raise
             path = entry.path
             entry.tensor, entry.host, entry.event, entry.path, entry.where = tensor, None, None, None, "device"
+            if entry.version is not None:
+                entry.version = tensor._version  # a fresh, unaliased copy: changes from here on are checked
             if path is not None:
                 _unlink(path)
             self._place(entry)
@@ -806,7 +860,7 @@ class _SavedTensors:
                     and manager.has(handle.key):
                 return handle  # saved again (say as one op's output and the next op's input)
         layer_id = f"{self.prefix}{next(self.ids)}"
-        manager.register(layer_id, tensor.detach())
+        manager._register_saved(layer_id, tensor.detach(), tensor._version)
         handle = _SavedActivation(manager, layer_id)
         handle_ref = weakref.ref(handle, functools.partial(self._forget, key))
         with self.lock:
@@ -822,7 +876,7 @@ class _SavedTensors:
     @staticmethod
     def unpack(packed: Any) -> torch.Tensor:
         if isinstance(packed, _SavedActivation):
-            return packed.manager.retrieve_or_recompute(packed.key)
+            return packed.manager._retrieve_saved(packed.key)
         return packed
 
 

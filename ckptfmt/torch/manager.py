@@ -1,33 +1,28 @@
 """A directory of training checkpoints with retention and a human-readable index.
 
-Layout: ``step-00000100.ckpt`` files and ``index.json`` (written atomically) listing, for each
-durable checkpoint, its step, file, time, size and user metadata. A checkpoint enters the index only
-after its file is complete and fsynced, and old ones are removed only after that, so a crash at any
-moment leaves the latest good checkpoint listed.
+Layout: ``step-00000100.ckpt`` files and ``index.json``. The files are the truth: a checkpoint
+exists once its file is renamed into place (complete and fsynced), whatever the index says; the
+index is a cache of their step, time, size and user metadata, rebuilt from the directory on every
+open and save. Index update and pruning run under a lock file, so managers in several processes
+share a directory; pruning deletes only the manager's own ``step-*.ckpt`` names. A crash at any
+moment leaves the latest good checkpoint loadable, and the next save removes whatever it orphaned.
 """
 
 from __future__ import annotations
 
 import builtins
 import contextlib
-import json
-import math
 import os
-import time
 from typing import Any
 
-from .. import _api
-from .._atomic import atomic_write, fsync_directory
-from .._index import INDEX, read_index
+from .._atomic import fsync_directory, remove_stale_temps
+from .._index import checkpoint_name, directory_lock, read_cache, scan, write_index
 from .._staging import StagingPool
 from ..errors import CheckpointError, CheckpointNotFoundError
 from ._background import start_background, wait_background
 from ._training import TrainingCheckpoint, load_checkpoint, restore_checkpoint, save_checkpoint
 
-
-def checkpoint_name(step: int) -> str:
-    """The file name of the checkpoint of ``step``."""
-    return f"step-{step:08d}.ckpt"
+__all__ = ["CheckpointManager", "checkpoint_name"]
 
 
 class CheckpointManager:
@@ -45,22 +40,26 @@ class CheckpointManager:
         self.keep_last = keep_last
         self.keep_every = keep_every
         os.makedirs(self.directory, exist_ok=True)
+        with contextlib.suppress(OSError):  # a read-only run directory still lists and loads
+            self._refresh()
 
     # -- index
     def list(self) -> builtins.list[dict[str, Any]]:
-        """Every checkpoint in the index, oldest first: step, file, time, size, metadata."""
-        return [e for e in read_index(self.directory) if os.path.exists(os.path.join(self.directory, e["file"]))]
+        """Every checkpoint in the directory, oldest first: step, file, time, size, metadata."""
+        return scan(self.directory)[0]
 
-    def _write_index(self, entries: builtins.list[dict[str, Any]]) -> None:
-        doc = {"format": "ckptfmt.checkpoint-index", "version": 1,
-               "checkpoints": sorted(entries, key=lambda e: e["step"])}
-        data = (json.dumps(doc, indent=1, sort_keys=True) + "\n").encode()
-        with atomic_write(os.path.join(self.directory, INDEX)) as fd:
-            os.write(fd, data)
+    def _refresh(self) -> builtins.list[dict[str, Any]]:
+        """Rebuild ``index.json`` from the directory (under the lock); return the entries."""
+        with directory_lock(self.directory):
+            cache = read_cache(self.directory)
+            entries, _ = scan(self.directory, cache)
+            if {e["file"]: e for e in entries} != cache:
+                write_index(self.directory, entries)
+        return entries
 
     def path(self, step: int) -> str:
         """Where the checkpoint of ``step`` is (or would be)."""
-        return os.path.join(self.directory, checkpoint_name(step))
+        return os.path.join(self.directory, checkpoint_name(int(step)))
 
     # -- save
     def save(self, step: int, model: Any, optimizer: Any = None, *, blocking: bool = True,
@@ -74,6 +73,7 @@ class CheckpointManager:
         """
         step = int(step)
         path = self.path(step)
+        remove_stale_temps(self.directory)  # each step has its own name: sweep the killed saves' temporaries
         if not blocking:
             return start_background(self, step, path, model, optimizer, staging=staging, **what)
         self.wait()
@@ -86,30 +86,29 @@ class CheckpointManager:
         wait_background(self)
 
     def _commit(self, step: int, path: str) -> None:
-        """Index the complete checkpoint of ``step``, then prune."""
-        with _api.open(path) as ckpt:
-            meta = dict(ckpt.metadata)
-        entries = [e for e in self.list() if e["step"] != step]
-        entries.append({"step": step, "file": os.path.basename(path), "time": time.time(),
-                        "size": os.path.getsize(path), "metadata": _json_safe(meta)})
-        self._write_index(entries)
-        self._prune(entries)
+        """List the complete checkpoint of ``step`` and prune, under the directory lock (the files are the truth)."""
+        with directory_lock(self.directory):
+            entries, bad = scan(self.directory, read_cache(self.directory))
+            keep = self._keep(entries)
+            kept = [e for e in entries if e["step"] in keep]
+            oldest_kept = min(keep, default=step)
+            doomed = [e["file"] for e in entries if e["step"] not in keep]
+            doomed += [name for name in bad if int(name[5:-5]) < oldest_kept]  # unreadable leftovers
+            write_index(self.directory, kept)  # unlist first, then delete
+            for name in doomed:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(self.directory, name))
+            if doomed:
+                fsync_directory(self.directory)
 
-    def _prune(self, entries: builtins.list[dict[str, Any]]) -> None:
-        if self.keep_last is None:
-            return
+    def _keep(self, entries: builtins.list[dict[str, Any]]) -> set[int]:
         steps = sorted(e["step"] for e in entries)
+        if self.keep_last is None:
+            return set(steps)
         keep = set(steps[-self.keep_last :])
         if self.keep_every:
             keep |= {s for s in steps if s % self.keep_every == 0}
-        doomed = [e for e in entries if e["step"] not in keep]
-        if not doomed:
-            return
-        self._write_index([e for e in entries if e["step"] in keep])  # unlist first, then delete
-        for e in doomed:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(os.path.join(self.directory, e["file"]))
-        fsync_directory(self.directory)
+        return keep
 
     # -- load
     def latest(self, *, verify: bool = True) -> int | None:
@@ -119,6 +118,8 @@ class CheckpointManager:
         with a damaged tensor is passed over for the one before it; ``verify=False`` only validates
         the structure and metadata (fast: O(metadata)).
         """
+        from .. import _api
+
         for entry in reversed(self.list()):
             path = os.path.join(self.directory, entry["file"])
             try:
@@ -127,45 +128,45 @@ class CheckpointManager:
                         continue
                 else:
                     _api.open(path).close()
-            except CheckpointError:
+            except (CheckpointError, OSError):
                 continue
             return int(entry["step"])
         return None
 
-    def load(self, step: int | None = None, *, map_location: str = "cpu") -> TrainingCheckpoint:
-        """The checkpoint of ``step``, or the latest one."""
-        if step is None:
-            step = self.latest()
-            if step is None:
-                raise CheckpointNotFoundError(os.path.join(self.directory, "step-*.ckpt"))
-        return load_checkpoint(self.path(step), map_location=map_location)
+    def load(self, step: int | None = None, *, map_location: str = "cpu", mmap: bool = True) -> TrainingCheckpoint:
+        """The checkpoint of ``step``, or the newest one that loads and verifies (each byte hashed once)."""
+        if step is not None:
+            return load_checkpoint(self.path(step), map_location=map_location, mmap=mmap)
+        for entry in reversed(self.list()):
+            try:
+                return load_checkpoint(os.path.join(self.directory, entry["file"]), map_location=map_location,
+                                       mmap=mmap)
+            except (CheckpointError, OSError):
+                continue  # damaged: fall back to the one before it
+        raise CheckpointNotFoundError(os.path.join(self.directory, "step-*.ckpt"))
 
     def restore(self, model: Any, optimizer: Any = None, *, step: int | None = None, map_location: str = "cpu",
                 **kwargs: Any) -> TrainingCheckpoint | None:
-        """Load (the latest, or ``step``) and restore into live objects; None when there is nothing to resume."""
-        if step is None and self.latest() is None:
+        """Load (the latest, or ``step``) and restore into live objects; None when there is nothing to resume.
+
+        The state is read into the process's own memory (no map of the file remains), so pruning or
+        rewriting the file later cannot affect the run.
+        """
+        try:
+            ckpt = self.load(step, map_location=map_location, mmap=False)
+        except CheckpointNotFoundError:
+            if step is not None:
+                raise
             return None
-        ckpt = self.load(step, map_location=map_location)
         return restore_checkpoint(ckpt, model, optimizer, **kwargs)
 
     def delete(self, step: int) -> None:
-        """Remove the checkpoint of ``step`` from the index and the disk."""
-        entries = self.list()
-        if not any(e["step"] == step for e in entries):
-            raise CheckpointNotFoundError(self.path(step))
-        self._write_index([e for e in entries if e["step"] != step])
-        os.unlink(self.path(step))
+        """Remove the checkpoint of ``step`` from the disk and the index."""
+        path = self.path(step)
+        with directory_lock(self.directory):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                raise CheckpointNotFoundError(path) from None
+            write_index(self.directory, scan(self.directory, read_cache(self.directory))[0])
         fsync_directory(self.directory)
-
-
-def _json_safe(value: Any) -> Any:
-    """Metadata as strict JSON: bytes by their length, nan as null, infinities as the strings "inf"/"-inf"."""
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, bytes):
-        return {"bytes": len(value)}
-    if isinstance(value, float) and not math.isfinite(value):
-        return None if value != value else str(value)
-    return value

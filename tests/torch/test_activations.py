@@ -755,11 +755,11 @@ def test_offload_stores_a_tensor_saved_twice_once(acts: ActivationCheckpointMana
     with offload_saved_tensors(acts):
         y = x * w1.sum()  # saves x again: still the same version, but a new graph
     assert len(acts) == 2
-    x.add_(1)  # a new version: saving it now must not reuse the old entry
+    out.sum().backward()  # frees r; x stays, y's graph shares its entry
+    assert len(acts) == 1
+    x.add_(1)  # a new version: saving it now must not reuse the old entry (y's backward would now raise)
     with offload_saved_tensors(acts):
         y2 = x * w1.sum()
-    assert len(acts) == 3
-    out.sum().backward()
     assert len(acts) == 2
     del y, y2
     gc.collect()

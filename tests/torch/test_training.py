@@ -191,7 +191,7 @@ def test_loading_needs_no_model_and_returns_plain_tensors(trained: dict[str, Any
 def test_training_checkpoint_fields() -> None:
     names = [f.name for f in dataclasses.fields(TrainingCheckpoint)]
     assert names == ["model_state", "optimizer_state", "scheduler_state", "scaler_state", "rng_state", "epoch",
-                     "step", "loss", "config", "vocab", "extra", "metadata", "path"]
+                     "step", "loss", "config", "vocab", "extra", "metadata", "path", "mapped"]
     empty = TrainingCheckpoint(model_state={})
     assert (empty.optimizer_state, empty.epoch, empty.step, empty.loss, empty.path) == (None,) * 5
     assert empty.metadata == {} and empty.metadata is not TrainingCheckpoint(model_state={}).metadata
