@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from . import distributed as _distributed  # noqa: F401  (torch-free; lets load() read sharded directories)
 from ._api import __version__, diff, inspect, load, load_bytes, open, save, save_bytes, verify  # noqa: A004
 from ._backend import ArrayBackend, DeviceSource, get_backend, register_backend
 from ._dtypes import DTYPES, DType

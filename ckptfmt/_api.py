@@ -9,7 +9,7 @@ import itertools
 import math
 import os
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import msgpack
@@ -47,6 +47,11 @@ def _created() -> str:
 
 #: What ``save`` and ``load`` accept as a file: a path, or a binary file object (or socket).
 Target = Any
+
+#: Readers of checkpoint directories for :func:`load`: ``reader(path)`` returns the state, or
+#: ``NotImplemented`` when the directory is not of its layout. ``ckptfmt.distributed`` adds the
+#: sharded layout (spec/DISTRIBUTED.md) when imported, which ``import ckptfmt`` does (it needs no torch).
+DIRECTORY_READERS: list[Callable[[str], Any]] = []
 
 
 def _prepare(obj: Any, metadata: dict[str, Any] | None, alignment: int | None, limits: Limits | None,
@@ -213,10 +218,10 @@ def load(path: Target, *, keys: Iterable[str] | str | None = None, verify: bool 
     A sharded directory (spec/DISTRIBUTED.md) loads consolidated, as numpy.
     """
     if keys is None and is_path(path) and os.path.isdir(path):
-        from .distributed import consolidate, is_sharded_dir
-
-        if is_sharded_dir(path):
-            return consolidate(path)
+        for read_dir in DIRECTORY_READERS:
+            state = read_dir(os.fspath(path))
+            if state is not NotImplemented:
+                return state
     with _checkpoint(path, limits) as ckpt:
         return ckpt.load(keys=keys, verify=verify, mmap=mmap, backend=backend, device=device)
 

@@ -70,7 +70,8 @@ def test_each_corrupt_file_meets_its_error(case: dict[str, Any]) -> None:
 def test_the_manifest_covers_every_error_class_a_file_can_cause() -> None:
     seen = {c[k] for c in MANIFEST for k in ("open", "load")} | {c["verify_ok"] for c in MANIFEST}
     file_errors = set(errors.__all__) - {"CheckpointError", "CorruptCheckpointError", "UnsupportedObjectError",
-                                         "ObjectLimitError", "MissingDependencyError", "CheckpointClosedError"}
+                                         "ObjectLimitError", "MissingDependencyError", "CheckpointClosedError",
+                                         "DiskFullError"}
     assert file_errors - seen == set()
     assert any(c["file"] == "a_directory.ckpt" for c in MANIFEST) and not (CORRUPT / "missing.ckpt").exists()
 

@@ -223,18 +223,32 @@ def test_sigkill_at_random_moments_of_manager_save(tmp_path: Path, kills: int) -
 
 
 class Enospc:
-    """``os.write`` that fails with ENOSPC once ``budget`` bytes are written (a full disk, injected)."""
+    """``os.write`` (and ``os.writev``, through :meth:`writev`) failing with ENOSPC after ``budget`` bytes."""
 
     def __init__(self, budget: int) -> None:
         self.budget = budget
         self.real = os.write
+        self.real_writev = os.writev
 
-    def __call__(self, fd: int, data: Any) -> int:
-        n = memoryview(data).nbytes
+    def _spend(self, n: int) -> None:
         if n > self.budget:
             raise OSError(errno.ENOSPC, "No space left on device")
         self.budget -= n
+
+    def __call__(self, fd: int, data: Any) -> int:
+        self._spend(memoryview(data).nbytes)
         return self.real(fd, data)
+
+    def writev(self, fd: int, buffers: Any) -> int:
+        self._spend(sum(memoryview(b).nbytes for b in buffers))
+        return self.real_writev(fd, buffers)
+
+
+def full_disk(monkeypatch: pytest.MonkeyPatch, budget: int) -> None:
+    """Inject a disk that fills up after ``budget`` bytes into ``os.write`` and ``os.writev``."""
+    fake = Enospc(budget)
+    monkeypatch.setattr(os, "write", fake)
+    monkeypatch.setattr(os, "writev", fake.writev)
 
 
 @pytest.mark.parametrize("budget", [0, 4096, 100_000, 300_000])
@@ -243,7 +257,7 @@ def test_a_full_disk_is_a_clear_error_and_keeps_the_previous_file(tmp_path: Path
     target = tmp_path / "model.ckpt"
     ckptfmt.save(target, state(1), metadata={"step": 1})
     before = target.read_bytes()
-    monkeypatch.setattr(os, "write", Enospc(budget))
+    full_disk(monkeypatch, budget)
     with pytest.raises(DiskFullError) as info:
         ckptfmt.save(target, state(2, size=64 << 10), metadata={"step": 2})
     monkeypatch.undo()
@@ -277,7 +291,7 @@ def test_a_full_disk_during_a_manager_save_keeps_every_checkpoint(tmp_path: Path
     manager = CheckpointManager(tmp_path, keep_last=2)
     for s in (1, 2):
         manager.save(s, {"w": torch.full((20_000,), float(s))}, rng=False)
-    monkeypatch.setattr(os, "write", Enospc(50_000))
+    full_disk(monkeypatch, 50_000)
     with pytest.raises(DiskFullError):
         manager.save(3, {"w": torch.full((20_000,), 3.0)}, rng=False)
     monkeypatch.undo()

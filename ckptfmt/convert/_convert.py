@@ -91,9 +91,10 @@ def _read(fmt: str, src: str, *, allow_pickle: bool) -> tuple[Any, dict[str, Any
 
         return read_sharded(src)
     if fmt == "torch-sharded":
+        from ._detect import detect
         from ._hfdir import read_torch_sharded
 
-        return read_torch_sharded(src, allow_pickle=allow_pickle)
+        return read_torch_sharded(src, allow_pickle=allow_pickle, detect=detect)
     if fmt == "npy":
         from ._numpy import read_npy
 

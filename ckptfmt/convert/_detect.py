@@ -70,7 +70,7 @@ def detect(path: str | os.PathLike[str]) -> str:
     if sniff_header(head, size):
         return "safetensors"
     if head.lstrip()[:1] == b"{":
-        fmt = index_shard_format(p)
+        fmt = index_shard_format(p, detect)
         if fmt is not None:
             return fmt
     if looks_like_flax(p, head, size):
@@ -89,7 +89,7 @@ def _detect_dir(p: str) -> str:
     names = os.listdir(p)
     if find_index(p) is not None or any(n.endswith(".safetensors") for n in names):
         return "safetensors-sharded"
-    if is_torch_dir(p):
+    if is_torch_dir(p, detect):
         return "torch-sharded"
     hint = ""
     if METADATA_FILE in names:

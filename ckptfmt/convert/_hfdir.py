@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from typing import Any
 
 from ._errors import CorruptSourceError, UnknownFormatError, UnsupportedSourceError
@@ -113,9 +114,11 @@ def find_torch_index(directory: str) -> str | None:
     return os.path.join(directory, found[0]) if found else None
 
 
-def _shard_format(path: str) -> str | None:
-    from ._detect import detect
+#: ``detect(path) -> format name``: the content sniffer of ``_detect``, passed in (it imports this module).
+Detect = Callable[[str], str]
 
+
+def _shard_format(path: str, detect: Detect) -> str | None:
     try:
         fmt = detect(path)
     except (UnknownFormatError, CorruptSourceError, OSError):
@@ -123,15 +126,15 @@ def _shard_format(path: str) -> str | None:
     return fmt if fmt in ("torch-zip", "torch-legacy", "safetensors") else None
 
 
-def is_torch_dir(directory: str) -> bool:
+def is_torch_dir(directory: str, detect: Detect) -> bool:
     """True if ``directory`` has a torch index, or a ``pytorch_model.bin`` that is a torch.save file by content."""
     if find_torch_index(directory) is not None:
         return True
     weights = os.path.join(directory, TORCH_WEIGHTS)
-    return os.path.isfile(weights) and _shard_format(weights) in ("torch-zip", "torch-legacy")
+    return os.path.isfile(weights) and _shard_format(weights, detect) in ("torch-zip", "torch-legacy")
 
 
-def index_shard_format(path: str) -> str | None:
+def index_shard_format(path: str, detect: Detect) -> str | None:
     """"torch-sharded" or "safetensors-sharded" for an index file, by the content of its first shard found."""
     try:
         weight_map, _ = read_index(path)
@@ -145,7 +148,7 @@ def index_shard_format(path: str) -> str | None:
         except CorruptSourceError:
             continue
         if os.path.isfile(file):
-            fmt = _shard_format(file)
+            fmt = _shard_format(file, detect)
             if fmt is not None:
                 return "safetensors-sharded" if fmt == "safetensors" else "torch-sharded"
     if names and all(n.endswith(_TORCH_SUFFIXES) for n in names):
@@ -153,7 +156,7 @@ def index_shard_format(path: str) -> str | None:
     return "safetensors-sharded"  # the reader reports missing or broken shards
 
 
-def read_torch_sharded(path: str, *, allow_pickle: bool) -> tuple[dict[str, Any], dict[str, Any]]:
+def read_torch_sharded(path: str, *, allow_pickle: bool, detect: Detect) -> tuple[dict[str, Any], dict[str, Any]]:
     """Merge the shards of a torch model directory (or index file) into one state dict, and its metadata.
 
     Order: shards by file name, each shard's tensors in its own order. Tensors sharing storage inside a
@@ -185,7 +188,7 @@ def read_torch_sharded(path: str, *, allow_pickle: bool) -> tuple[dict[str, Any]
         file = inside(directory, shard, what="shard", cited=cited)
         if not os.path.isfile(file):
             raise CorruptSourceError(cited, f"shard {shard!r} is missing")
-        fmt = _shard_format(file)
+        fmt = _shard_format(file, detect)
         if fmt is None:
             raise CorruptSourceError(file, f"shard {shard!r} is neither a torch.save file nor a safetensors file")
         if fmt == "safetensors":

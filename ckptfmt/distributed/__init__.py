@@ -14,10 +14,19 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from .. import _api as _core_api
 from ._consolidate import ShardedVerifyReport, consolidate, delete, inspect, list_checkpoints, verify
 from ._errors import DistributedCheckpointError
 from ._index import INDEX_NAME
 from ._read import is_sharded_dir
+
+
+def _read_sharded(path: str) -> Any:
+    """``ckptfmt.load`` of a directory: the consolidated state if it is a sharded checkpoint."""
+    return consolidate(path) if is_sharded_dir(path) else NotImplemented
+
+
+_core_api.DIRECTORY_READERS.append(_read_sharded)
 
 _LAZY = {
     "Writer": "._storage", "Reader": "._storage",

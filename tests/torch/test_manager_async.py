@@ -69,4 +69,7 @@ def test_one_save_in_flight_and_errors_reach_the_next_save(tmp_path: Path, monke
     mgr.save(6, model)  # blocking: waits for 5 first
     assert [e["step"] for e in mgr.list()][-2:] == [5, 6]
     assert mgr.latest() == 6
-    assert os.path.exists(mgr.path(1))
+    # steps 2 and 3 were written whole (only their indexing failed): the directory lists them, so
+    # keep_last=3 keeps 3, 5 and 6 and has pruned 1 and 2
+    assert [e["step"] for e in mgr.list()] == [3, 5, 6]
+    assert not os.path.exists(mgr.path(1))
