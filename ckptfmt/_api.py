@@ -19,6 +19,7 @@ from ._manifest import Limits, ViewRef, check_plain, tensor_ref
 from ._plan import plan
 from ._reader import Checkpoint, VerifyReport, plain, walk_leaves
 from ._writer import Writer
+from ._writer11 import Writer11
 from .errors import (
     CheckpointNotFoundError,
     CorruptCheckpointError,
@@ -38,12 +39,15 @@ def _created() -> str:
 
 
 def save(path: str | os.PathLike[str], obj: Any, *, metadata: dict[str, Any] | None = None,
-         alignment: int | None = None, checksum: bool = True, durable: bool = True) -> None:
+         alignment: int | None = None, checksum: bool = True, durable: bool = True, compression: str = "none",
+         pack: bool = False) -> None:
     """Write ``obj`` (nested dicts/lists/tuples of arrays and plain values) to ``path``, atomically.
 
     The previous file at ``path`` is replaced only once the new one is complete (and, with
     ``durable``, fsynced with its directory); on any failure it is left as it was. ``metadata`` is
     a dict of plain values (str, int, float, bool, bytes, None, lists and dicts of them).
+    ``compression`` (``none|fast|balanced|maximum``) and ``pack`` (small blobs at a 64-byte alignment)
+    write format 1.1 (spec §13-§14); without them the file is format 1.0.
     """
     align = check_alignment(DEFAULT_ALIGNMENT if alignment is None else alignment)
     what = plan(obj)
@@ -53,7 +57,8 @@ def save(path: str | os.PathLike[str], obj: Any, *, metadata: dict[str, Any] | N
     check_plain(user)
     created = _created()
     with atomic_write(os.fspath(path), durable=durable) as fd:
-        writer = Writer(fd, alignment=align, checksum=checksum)
+        writer = Writer(fd, alignment=align, checksum=checksum) if compression == "none" and not pack else \
+            Writer11(fd, alignment=align, checksum=checksum, compression=compression, pack=pack)
         try:
             writer.write_blobs(what.rows)
         except BaseException:

@@ -153,7 +153,8 @@ class Checkpoint:
                                         region="metadata")
         self.manifest: Manifest = parse_manifest(
             meta, path=path, minor=self.header.minor, alignment=self.header.alignment,
-            metadata_offset=self.footer.metadata_offset, limits=self._limits)
+            metadata_offset=self.footer.metadata_offset, limits=self._limits,
+            features=self.header.required_features)
         if start > HEADER_SIZE and any(_pread_exact(fd, start - HEADER_SIZE, HEADER_SIZE)):
             raise CorruptCheckpointError(path, f"padding bytes {HEADER_SIZE}..{start - 1} after the header are "
                                                "not zero")
@@ -306,11 +307,11 @@ class Checkpoint:
 
     def _check_padding(self, row: int) -> None:
         tt = self.manifest.tensors
-        nb = int(tt.nbytes[row])
+        nb = int(tt.stored_sizes()[row])
         if not nb:
             return
         end = int(tt.offset[row]) + nb
-        pad = align_up(end, self.header.alignment) - end
+        pad = tt.padding_end(row, self.header.alignment) - end
         if pad and any(self._map()[end : end + pad]):
             raise CorruptCheckpointError(self.path, f"padding bytes {end}..{end + pad - 1} after tensor "
                                                     f"{self._key_of(row)!r} are not zero")
@@ -338,6 +339,17 @@ class Checkpoint:
         """
         self._check_open()
         tt = self.manifest.tensors
+        if tt.codec is not None:  # format 1.1: compressed rows are decoded into fresh arrays (§13)
+            from ._decode import read_compressed
+
+            rows = list(rows)
+            coded = [i for i in rows if tt.codec_of(i) != "raw"]
+            if coded:
+                out = read_compressed(self, coded, verify=verify)
+                rest = [i for i in rows if tt.codec_of(i) == "raw"]
+                if rest:
+                    out.update(self.read_rows(rest, verify=verify, mmap=mmap, writable=writable))
+                return {i: out[i] for i in rows}
         sums = tt.checksum.tolist() if verify and tt.checksum is not None else None
         offsets, sizes, codes = tt.offset.tolist(), tt.nbytes.tolist(), tt.dtype_code.tolist()
         npd = [numpy_dtype(DTYPES[n]) if n in DTYPES else None for n in tt.dtype_names]
@@ -481,7 +493,7 @@ class Checkpoint:
         tt = self.manifest.tensors
         report = VerifyReport(self.path, ok=True, checksummed=tt.checksum is not None)
         sums = tt.checksum.tolist() if tt.checksum is not None else None
-        offsets, sizes = tt.offset.tolist(), tt.nbytes.tolist()
+        offsets, sizes = tt.offset.tolist(), tt.stored_sizes().tolist()
         view = memoryview(self._map()) if len(tt) else None
         try:
             for i in range(len(tt)):

@@ -35,7 +35,7 @@ def test_all_snapshot() -> None:
 
 
 def test_version_constants() -> None:
-    assert (ckptfmt.FORMAT_MAJOR, ckptfmt.FORMAT_MINOR) == (1, 0)
+    assert (ckptfmt.FORMAT_MAJOR, ckptfmt.FORMAT_MINOR) == (1, 1)
     tomllib = pytest.importorskip("tomllib")  # Python 3.11+
     pyproject = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())
     assert ckptfmt.__version__ == pyproject["project"]["version"]
