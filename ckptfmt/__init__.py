@@ -14,6 +14,7 @@ from ._backend import ArrayBackend, DeviceSource, get_backend, register_backend
 from ._dtypes import DTYPES, DType
 from ._lazy import LazyArray
 from ._manifest import Limits, TensorEntry
+from ._migrate import migrate
 from ._reader import Checkpoint, TensorInfo, VerifyReport
 from ._versions import FORMAT_MAJOR, FORMAT_MINOR
 from .errors import (
@@ -29,6 +30,7 @@ from .errors import (
     MissingDependencyError,
     NotACheckpointFileError,
     TruncatedCheckpointError,
+    UnsupportedCodecError,
     UnsupportedDTypeError,
     UnsupportedObjectError,
     UnsupportedVersionError,
@@ -68,6 +70,7 @@ __all__ = [
     "TensorEntry",
     "TensorInfo",
     "TruncatedCheckpointError",
+    "UnsupportedCodecError",
     "UnsupportedDTypeError",
     "UnsupportedObjectError",
     "UnsupportedVersionError",
@@ -78,6 +81,7 @@ __all__ = [
     "get_backend",
     "inspect",
     "load",
+    "migrate",
     "open",
     "register_backend",
     "save",

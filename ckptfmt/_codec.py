@@ -16,6 +16,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -241,5 +242,5 @@ def decode_into(row: StoredRow, read: Callable[[int, int], Any], dest: np.ndarra
         dest[s - start : e - start] = tmp[s - lo : e - lo]
 
     chunks = range(first, last + 1)
-    for _ in ordered(((c, lambda c=c: job(c), None) for c in chunks), min(workers, len(chunks))):
+    for _ in ordered(((c, partial(job, c), None) for c in chunks), min(workers, len(chunks))):
         pass

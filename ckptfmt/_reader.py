@@ -25,7 +25,6 @@ from ._manifest import (
     TensorEntry,
     TensorRef,
     ViewRef,
-    align_up,
     blob_region_start,
     parse_manifest,
     tensor_ref,
@@ -345,11 +344,11 @@ class Checkpoint:
             rows = list(rows)
             coded = [i for i in rows if tt.codec_of(i) != "raw"]
             if coded:
-                out = read_compressed(self, coded, verify=verify)
+                decoded = read_compressed(self, coded, verify=verify)
                 rest = [i for i in rows if tt.codec_of(i) == "raw"]
                 if rest:
-                    out.update(self.read_rows(rest, verify=verify, mmap=mmap, writable=writable))
-                return {i: out[i] for i in rows}
+                    decoded.update(self.read_rows(rest, verify=verify, mmap=mmap, writable=writable))
+                return {i: decoded[i] for i in rows}
         sums = tt.checksum.tolist() if verify and tt.checksum is not None else None
         offsets, sizes, codes = tt.offset.tolist(), tt.nbytes.tolist(), tt.dtype_code.tolist()
         npd = [numpy_dtype(DTYPES[n]) if n in DTYPES else None for n in tt.dtype_names]

@@ -20,9 +20,9 @@ EXPORTS = [
     "ChecksumMismatchError", "CorruptCheckpointError", "FORMAT_MAJOR", "FORMAT_MINOR", "InvalidKeyError",
     "InvalidMetadataError", "LazyArray", "Limits", "MetadataLimitError", "MissingDependencyError",
     "NotACheckpointFileError", "TensorEntry", "TensorInfo",
-    "TruncatedCheckpointError", "UnsupportedDTypeError", "UnsupportedObjectError", "UnsupportedVersionError",
-    "VerifyReport", "__version__", "convert", "diff", "get_backend", "inspect", "load", "open", "register_backend",
-    "save",
+    "TruncatedCheckpointError", "UnsupportedCodecError", "UnsupportedDTypeError", "UnsupportedObjectError",
+    "UnsupportedVersionError", "VerifyReport", "__version__", "convert", "diff", "get_backend", "inspect", "load",
+    "migrate", "open", "register_backend", "save",
     "verify",
 ]
 
