@@ -31,6 +31,20 @@ __version__ = "0.1.0"
 PRODUCER = {"name": "ckptfmt", "version": __version__}
 
 
+def _producer() -> dict[str, Any]:
+    """PRODUCER, or the JSON map in ``CKPTFMT_PRODUCER`` (with SOURCE_DATE_EPOCH: byte-reproducible files)."""
+    pinned = os.environ.get("CKPTFMT_PRODUCER")
+    if not pinned:
+        return PRODUCER
+    import json
+
+    value = json.loads(pinned)
+    if not isinstance(value, dict):
+        raise UnsupportedObjectError("CKPTFMT_PRODUCER must be a JSON object, e.g. {\"name\": \"ckptfmt\"}")
+    check_plain(value, what="producer")
+    return value
+
+
 def _created() -> str:
     """Now, or ``SOURCE_DATE_EPOCH`` when set (reproducible builds: equal inputs, equal bytes)."""
     epoch = os.environ.get("SOURCE_DATE_EPOCH")
@@ -64,7 +78,7 @@ def save(path: str | os.PathLike[str], obj: Any, *, metadata: dict[str, Any] | N
         except BaseException:
             writer.close()
             raise
-        writer.finish(what.tree, producer=PRODUCER, created=created, user=user, views=what.views)
+        writer.finish(what.tree, producer=_producer(), created=created, user=user, views=what.views)
 
 
 def open(path: str | os.PathLike[str], *, limits: Limits | None = None) -> Checkpoint:  # noqa: A001
