@@ -217,6 +217,17 @@ def expected(case: Case) -> dict[str, Any]:
             "producer": PRODUCER, "created": "2023-11-14T22:13:20Z"}
 
 
+def readme(version: str) -> str:
+    """The table of one version folder: each file, what it exercises, how it was written."""
+    rows = [f"| `{c.name}.ckpt` | {(HERE / c.path).stat().st_size} | {c.what} | "
+            f"`{', '.join(f'{k}={v!r}' for k, v in c.options.items()) or 'defaults'}` |"
+            for c in CASES if c.version == version]
+    return (f"# Golden files, format {version}\n\nFrozen: written once by `conformance/generate.py` (producer "
+            f"`{PRODUCER}`, `SOURCE_DATE_EPOCH={EPOCH}`), never regenerated. Each must load with the content "
+            "`conformance/manifest.json` describes.\n\n| file | bytes | exercises | save options |\n|---|---|---|---|\n"
+            + "\n".join(rows) + "\n")
+
+
 def _plain(v: Any) -> Any:
     if type(v) is dict:
         return {"dict": [[k, _plain(x)] for k, x in v.items()]}
@@ -244,6 +255,8 @@ def main(argv: list[str] | None = None) -> int:
         if not target.exists():  # frozen: existing files are never rewritten
             write(case, target)
             print(f"wrote {case.path} ({target.stat().st_size} bytes)")
+    for version in sorted({c.version for c in CASES}):
+        (HERE / "golden" / version / "README.md").write_text(readme(version), encoding="utf-8")
     manifest = {"format": "ckptfmt conformance manifest", "version": 1, "cases": [expected(c) for c in CASES]}
     (HERE / "manifest.json").write_text(json.dumps(manifest, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     return 0

@@ -34,6 +34,8 @@ def test_the_manifest_matches_the_generator() -> None:
     base = ROOT / "conformance"
     folders = {p.relative_to(base).as_posix() for p in (base / "golden").rglob("*.ckpt")}
     assert folders == {c.path for c in generate.CASES}  # every committed file has an expected outcome
+    for version in ("1.0", "1.1"):
+        assert (base / "golden" / version / "README.md").read_text(encoding="utf-8") == generate.readme(version)
 
 
 def test_golden_versions_are_what_their_folder_says() -> None:
