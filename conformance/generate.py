@@ -33,6 +33,9 @@ from conformance.describe import numpy_describe, value  # noqa: E402
 #: what every golden file is pinned to (see spec/CONFORMANCE.md §3)
 PRODUCER = {"name": "ckptfmt", "version": "conformance"}
 EPOCH = "1700000000"  # 2023-11-14T22:13:20Z
+#: the zstd library that made the golden 1.1 frames (zstandard 0.25.0); other zstd releases may
+#: compress to other (equally valid) bytes, so byte-for-byte checks of compressed cases need this one
+ZSTD_VERSION = (1, 5, 7)
 
 
 @dataclass

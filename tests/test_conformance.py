@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -17,11 +18,16 @@ sys.path.insert(0, str(ROOT))
 
 from conformance import generate, runner  # noqa: E402
 
+HAS_ZSTD = importlib.util.find_spec("zstandard") is not None
 TORCH_VIEWS = "torch needs non-negative strides"  # issue 11 §1: torch materialises such views (another lane)
 
 
 @pytest.mark.parametrize("case", generate.CASES, ids=lambda c: c.path)
 def test_the_writer_reproduces_each_golden_file_byte_for_byte(tmp_path: Path, case: generate.Case) -> None:
+    if "compression" in case.options:
+        zstandard = pytest.importorskip("zstandard")
+        if zstandard.ZSTD_VERSION != generate.ZSTD_VERSION:  # zstd output may change across its releases
+            pytest.skip(f"golden frames were made by zstd {generate.ZSTD_VERSION}, this is {zstandard.ZSTD_VERSION}")
     out = tmp_path / "x.ckpt"
     generate.write(case, out)
     assert out.read_bytes() == (ROOT / "conformance" / case.path).read_bytes()
@@ -57,12 +63,17 @@ def test_a_one_zero_reader_refuses_every_one_one_golden_file(monkeypatch: pytest
 
 def test_numpy_backend_passes_every_case() -> None:
     report = runner.run("numpy")
-    assert report["ok"], [r for r in report["results"] if not r["ok"]]
+    failed = [r for r in report["results"] if not r["ok"]]
+    if not HAS_ZSTD:  # the minimal install: compressed files must name the missing extra, nothing else fails
+        assert failed and all("MissingDependencyError" in r["detail"] and "compress" in r["detail"] for r in failed)
+        return
+    assert not failed, failed
     assert report["passed"] >= len(generate.CASES)
 
 
 def test_torch_backend_passes_every_case() -> None:
     pytest.importorskip("torch")
+    pytest.importorskip("zstandard")
     report = runner.run("torch")
     failed = [r for r in report["results"] if not r["ok"]]
     if failed and all(TORCH_VIEWS in r["detail"] for r in failed):
@@ -70,6 +81,7 @@ def test_torch_backend_passes_every_case() -> None:
     assert not failed, failed
 
 
+@pytest.mark.skipif(not HAS_ZSTD, reason="golden 1.1 files need the compress extra")
 def test_cupy_backend_runs_or_skips_cleanly() -> None:
     report = runner.run("cupy")
     assert report["ok"]
@@ -90,6 +102,7 @@ def test_expected_failures_are_checked_by_class(tmp_path: Path) -> None:
     assert report["results"][2]["got"] == "TruncatedCheckpointError" and not report["ok"]
 
 
+@pytest.mark.skipif(not HAS_ZSTD, reason="golden 1.1 files need the compress extra")
 def test_the_command_line_writes_a_json_report(tmp_path: Path) -> None:
     out = tmp_path / "report.json"
     r = subprocess.run([sys.executable, "-m", "conformance", "--backend", "numpy", "--json", str(out)], cwd=ROOT,

@@ -21,6 +21,7 @@ from ckptfmt._decode import stored_row
 from ckptfmt._footer import FOOTER_SIZE, Footer, parse_footer
 from ckptfmt._writer11 import byte_chunks
 
+pytest.importorskip("zstandard")  # the compress extra; tests/test_packed.py covers what needs none
 ml_dtypes = pytest.importorskip("ml_dtypes")
 LEVELS = ["fast", "balanced", "maximum"]
 
@@ -305,55 +306,3 @@ def test_compressed_files_need_the_compress_extra(tmp_path: Path, monkeypatch: p
 def test_unknown_level_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="compression"):
         ckptfmt.save(tmp_path / "x.ckpt", {}, compression="zstd")
-
-
-# ---------------------------------------------------------------- packed small blobs
-
-
-def test_many_small_tensors_pack_within_five_percent(tmp_path: Path) -> None:
-    rng = np.random.default_rng(0)
-    obj = {f"t{i}": rng.standard_normal(int(n)).astype(np.float32) for i, n in enumerate(rng.integers(256, 1025, 2000))}
-    data = sum(v.nbytes for v in obj.values())
-    ckptfmt.save(tmp_path / "packed.ckpt", obj, pack=True)
-    ckptfmt.save(tmp_path / "plain.ckpt", obj)
-    assert os.path.getsize(tmp_path / "packed.ckpt") <= 1.05 * data
-    assert os.path.getsize(tmp_path / "plain.ckpt") > 1.5 * data
-    same(obj, ckptfmt.load(tmp_path / "packed.ckpt"))
-
-
-def test_large_blobs_keep_the_full_alignment_when_packing(tmp_path: Path) -> None:
-    obj = {"a": np.float32(1), "big": weights(5000), "b": np.int64(2), "c": weights(3), "big2": weights(2048)}
-    ckptfmt.save(tmp_path / "x.ckpt", obj, pack=True)
-    with ckptfmt.open(tmp_path / "x.ckpt") as ckpt:
-        for key in obj:
-            info = ckpt.info(key)
-            assert info.offset % (4096 if info.nbytes >= 4096 else 64) == 0
-        assert ckpt.info("b").offset - ckpt.info("a").offset != 4096
-    assert ckptfmt.verify(tmp_path / "x.ckpt").ok
-
-
-def test_packed_layout_and_padding_are_checked(tmp_path: Path) -> None:
-    path = tmp_path / "x.ckpt"
-    ckptfmt.save(path, {"a": weights(3), "b": weights(5)}, pack=True)
-    clean = path.read_bytes()
-    with ckptfmt.open(path) as ckpt:
-        end = ckpt.info("a").offset + 12
-    bad = bytearray(clean)
-    bad[end] = 1  # a padding byte between two packed blobs
-    path.write_bytes(bytes(bad))
-    report = ckptfmt.verify(path)
-    assert not report.ok and "padding" in report.errors[0]
-    path.write_bytes(clean)
-
-    def move(meta: dict[str, Any]) -> None:
-        t = meta["tensors"]
-        offs = np.frombuffer(t["offset"], "<u8").copy()
-        offs[1] += 64
-        t["offset"] = offs.tobytes()
-    rewrite_meta(path, move)
-    with pytest.raises(ckptfmt.InvalidMetadataError, match="offset"):
-        ckptfmt.open(path)
-    path.write_bytes(clean)
-    rewrite_meta(path, lambda meta: meta["tensors"].update(pack_alignment=48))
-    with pytest.raises(ckptfmt.InvalidMetadataError, match="pack_alignment"):
-        ckptfmt.open(path)

@@ -15,6 +15,7 @@ import pytest
 import ckptfmt
 from ckptfmt._cli import main
 
+pytest.importorskip("zstandard")  # 1.1 targets compress
 ml_dtypes = pytest.importorskip("ml_dtypes")
 
 
