@@ -26,7 +26,9 @@ from .errors import ChecksumMismatchError, MissingDependencyError, UnsupportedCo
 #: Codec names (the ``codecs`` list of §13.2). ``raw``: stored as is.
 RAW, ZSTD, PLANES_ZSTD = "raw", "zstd", "planes-zstd"
 KNOWN_CODECS = (RAW, ZSTD, PLANES_ZSTD)
-#: Compression levels of ``save(..., compression=...)`` and what each writes (measured: RESULTS.md).
+#: Compression levels of ``save(..., compression=...)`` (measured: benchmarks/RESULTS.md). ``balanced``
+#: writes what ``fast`` writes: no zstd level or parameter tried compressed byte planes of real weights
+#: better at a cost between fast's and maximum's, so it is kept as a name only (spec §13.3).
 LEVELS = ("none", "fast", "balanced", "maximum")
 #: Decoded bytes per chunk written by this writer (any multiple of 64 up to MAX_CHUNK_BYTES is read).
 CHUNK_BYTES = 1 << 20
@@ -72,7 +74,7 @@ def codec_for(level: str, itemsize: int, nbytes: int) -> str:
 _local = threading.local()
 
 
-#: A plane whose first SAMPLE bytes save less than SKIP of their size is stored raw at level ``fast``.
+#: A plane whose first SAMPLE bytes save less than SKIP of their size is stored raw at once (fast, balanced).
 SAMPLE = 1 << 16
 SKIP = 0.05
 
@@ -96,7 +98,7 @@ def _compressor(level: int) -> Any:
 
 def _squeeze(plane: Any, level: str) -> Any:
     """One piece: the zstd frame of ``plane`` if shorter, else ``plane`` itself (§13.3)."""
-    if level == "fast" and len(plane) >= 4 * SAMPLE and \
+    if level in ("fast", "balanced") and len(plane) >= 4 * SAMPLE and \
             len(_compressor(1).compress(plane[:SAMPLE])) > (1 - SKIP) * SAMPLE:
         return plane  # mantissa-like plane: not worth a full pass
     frame = _compressor(1).compress(plane)

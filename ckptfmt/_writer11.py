@@ -8,6 +8,7 @@ their pieces are written in order as they finish: memory stays bounded by a few 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from itertools import groupby
 from typing import Any
 
 import numpy as np
@@ -88,12 +89,15 @@ class Writer11(Writer):
     def write_blobs(self, items: list[tuple[Source, DType]]) -> None:
         """Append tensors' blobs in table order, compressing and packing them as asked."""
         if self._level == "none":
-            for arr, dtype in items:
-                nb = self._row(arr, dtype)
-                off = self._place(nb) if nb else 0
-                self._offset.append(off)
-                self._nbytes.append(nb)
-                self._sums.append(self._write_data(arr, nb) if nb else EMPTY_CHECKSUM)
+            # packing only: runs of small and of large rows go through the 1.0 writer's loop, each
+            # run at its own alignment (§14.2), so packing costs nothing per row
+            full = self._alignment
+            try:
+                for small, run in groupby(items, key=lambda item: item[0].nbytes < self._pack_below):
+                    self._alignment = PACK_ALIGNMENT if small else full
+                    super().write_blobs(list(run))
+            finally:
+                self._alignment = full
             return
         h: Any = None
         count = 0
