@@ -11,6 +11,7 @@ GIL) and a partial read decodes only the chunks it needs.
 from __future__ import annotations
 
 import os
+import sys
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -38,6 +39,7 @@ MIN_COMPRESS = 256
 #: No zstd frame decodes to more than this many times its size (a 4-byte RLE block holds 128 KiB), §13.4.
 MAX_RATIO = 32768
 _WORKERS = max(1, min(8, os.cpu_count() or 1))
+_LITTLE = sys.byteorder == "little"
 
 
 def zstd() -> Any:
@@ -213,6 +215,11 @@ def decode_chunk(row: StoredRow, chunk: int, stored: Any, first_piece: int, dest
         dest[:] = np.frombuffer(parts[0], np.uint8)
         return
     k = len(parts)
+    if k == 2 and _LITTLE:  # two planes (bf16, fp16): one shift-or pass, twice as fast as two scatters
+        out = dest.view(np.uint16)
+        np.left_shift(np.frombuffer(parts[1], np.uint8), 8, out=out, dtype=np.uint16)
+        out |= np.frombuffer(parts[0], np.uint8)
+        return
     view = dest.reshape(-1, k)
     for j, p in enumerate(parts):
         view[:, j] = np.frombuffer(p, np.uint8)

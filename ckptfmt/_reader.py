@@ -454,7 +454,7 @@ class Checkpoint:
 
     def _read(self, rows: Iterable[int], be: ArrayBackend, device: str | None, *, verify: bool, mmap: bool
               ) -> Callable[[int, bool | None], Any]:
-        if self._direct(be, device):
+        if self._direct(be, device) and self.manifest.tensors.codec is None:  # compressed rows decode on the host
             self._check_open()
             made = be.read_to_device(self, list(rows), device, verify=verify)  # type: ignore[attr-defined]
             return self._converter(made, be, device, ready=True)

@@ -306,3 +306,26 @@ def test_compressed_files_need_the_compress_extra(tmp_path: Path, monkeypatch: p
 def test_unknown_level_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="compression"):
         ckptfmt.save(tmp_path / "x.ckpt", {}, compression="zstd")
+
+
+def test_compressed_files_never_take_the_direct_device_path(tmp_path: Path) -> None:
+    numpy_backend = ckptfmt.get_backend("numpy")
+
+    class DirectBackend:
+        """A device backend with GPU-direct reads, which would read stored (compressed) bytes as data."""
+
+        name = "direct"
+
+        def read_to_device(self, *args: Any, **kwargs: Any) -> Any:
+            raise AssertionError("compressed rows must be decoded on the host")
+
+        def from_host(self, array: np.ndarray, dtype: Any, *, scalar: bool, device: str | None) -> Any:
+            return numpy_backend.from_host(array, dtype, scalar=scalar, device=None)
+
+        def view(self, *args: Any) -> Any:
+            return numpy_backend.view(*args)
+
+    w = weights(100_000)
+    ckptfmt.save(tmp_path / "c.ckpt", {"w": w}, compression="fast")
+    got = ckptfmt.load(tmp_path / "c.ckpt", backend=DirectBackend(), device="cuda:0")  # type: ignore[arg-type]
+    assert got["w"].tobytes() == w.tobytes()
