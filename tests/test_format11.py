@@ -329,3 +329,14 @@ def test_compressed_files_never_take_the_direct_device_path(tmp_path: Path) -> N
     ckptfmt.save(tmp_path / "c.ckpt", {"w": w}, compression="fast")
     got = ckptfmt.load(tmp_path / "c.ckpt", backend=DirectBackend(), device="cuda:0")  # type: ignore[arg-type]
     assert got["w"].tobytes() == w.tobytes()
+
+
+def test_diff_compares_decoded_values_across_encodings(tmp_path: Path) -> None:
+    obj = state()
+    for level in ("none", "fast", "maximum"):
+        ckptfmt.save(tmp_path / f"{level}.ckpt", obj, compression=level)
+    assert ckptfmt.diff(tmp_path / "none.ckpt", tmp_path / "fast.ckpt")["changed"] == []
+    assert ckptfmt.diff(tmp_path / "fast.ckpt", tmp_path / "maximum.ckpt")["changed"] == []
+    obj["w"] = obj["w"] + 1
+    ckptfmt.save(tmp_path / "changed.ckpt", obj, compression="fast")
+    assert "w" in ckptfmt.diff(tmp_path / "none.ckpt", tmp_path / "changed.ckpt")["changed"]
