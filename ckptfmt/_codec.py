@@ -175,6 +175,14 @@ def piece_sizes(row: StoredRow, chunk: int) -> list[int]:
     return [size // k] * k
 
 
+def _decompressor() -> Any:
+    """A per-thread decompressor: making one per piece costs more than decoding a small piece."""
+    d = getattr(_local, "d", None)
+    if d is None:
+        d = _local.d = zstd().ZstdDecompressor()
+    return d
+
+
 def _decode_piece(data: Any, size: int, where: Callable[[], str]) -> Any:
     """A piece's decoded bytes: the piece itself when stored raw, else its zstd frame, checked (§13.4)."""
     if len(data) == size:
@@ -189,7 +197,7 @@ def _decode_piece(data: Any, size: int, where: Callable[[], str]) -> Any:
                                           f"(checksum flag {params.has_checksum}), expected {size} bytes with a "
                                           "content checksum", region="blob")
     try:
-        out = z.ZstdDecompressor().decompress(data, max_output_size=size, allow_extra_data=False)
+        out = _decompressor().decompress(data, max_output_size=size, allow_extra_data=False)
     except z.ZstdError as e:
         raise ChecksumMismatchError(None, f"{where()}: zstd frame does not decode ({e})", region="blob") from None
     if len(out) != size:
