@@ -50,9 +50,9 @@ def parse_features(table: dict[str, Any], tt: TensorTable, *, features: int, ali
     if features & FEATURE_PACKED:
         tt.pack_alignment = _int(table, "pack_alignment", path)
         tt.pack_below = _int(table, "pack_below", path)
-        if tt.pack_alignment & (tt.pack_alignment - 1) or tt.pack_alignment > alignment:
-            raise InvalidMetadataError(path, f"pack_alignment {tt.pack_alignment} is not a power of two no larger "
-                                             f"than the alignment {alignment}")
+        if tt.pack_alignment & (tt.pack_alignment - 1) or not 16 <= tt.pack_alignment <= alignment:
+            raise InvalidMetadataError(path, f"pack_alignment {tt.pack_alignment} is not a power of two between 16 "
+                                             f"(the largest itemsize) and the alignment {alignment}")
     if features & FEATURE_COMPRESSED:
         _parse_compressed(table, tt, path)
 

@@ -76,6 +76,8 @@ def test_packed_layout_and_padding_are_checked(tmp_path: Path) -> None:
     with pytest.raises(ckptfmt.InvalidMetadataError, match="offset"):
         ckptfmt.open(path)
     path.write_bytes(clean)
-    rewrite_meta(path, lambda meta: meta["tensors"].update(pack_alignment=48))
-    with pytest.raises(ckptfmt.InvalidMetadataError, match="pack_alignment"):
-        ckptfmt.open(path)
+    for bad in (48, 8, 8192):
+        path.write_bytes(clean)
+        rewrite_meta(path, lambda meta, bad=bad: meta["tensors"].update(pack_alignment=bad))
+        with pytest.raises(ckptfmt.InvalidMetadataError, match="pack_alignment"):
+            ckptfmt.open(path)
