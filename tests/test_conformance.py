@@ -105,7 +105,10 @@ def test_expected_failures_are_checked_by_class(tmp_path: Path) -> None:
 @pytest.mark.skipif(not HAS_ZSTD, reason="golden 1.1 files need the compress extra")
 def test_the_command_line_writes_a_json_report(tmp_path: Path) -> None:
     out = tmp_path / "report.json"
-    r = subprocess.run([sys.executable, "-m", "conformance", "--backend", "numpy", "--json", str(out)], cwd=ROOT,
+    # run from outside the repository with the repository appended to the path: the installed
+    # ckptfmt (with its ckptfmt.backends) is imported, and the conformance package from here
+    code = f"import sys; sys.path.append({str(ROOT)!r}); from conformance.runner import main; sys.exit(main())"
+    r = subprocess.run([sys.executable, "-c", code, "--backend", "numpy", "--json", str(out)], cwd=tmp_path,
                        capture_output=True, text=True, check=False)
     assert r.returncode == 0, r.stdout + r.stderr
     report = json.loads(out.read_text())

@@ -100,7 +100,8 @@ def test_memory_stays_bounded(tmp_path: Path) -> None:
 def test_cli_migrate_with_progress(tmp_path: Path) -> None:
     ckptfmt.save(tmp_path / "a.ckpt", state())
     r = subprocess.run([sys.executable, "-m", "ckptfmt", "migrate", str(tmp_path / "a.ckpt"), str(tmp_path / "b.ckpt"),
-                        "--to", "1.1", "--compression", "maximum"], capture_output=True, text=True, check=False)
+                        "--to", "1.1", "--compression", "maximum"], capture_output=True, text=True, check=False,
+                       cwd=tmp_path)  # outside the repository: the installed ckptfmt
     assert r.returncode == 0, r.stderr
     assert "migrate" in r.stderr  # the tqdm bar
     assert equal(ckptfmt.load(tmp_path / "b.ckpt"), ckptfmt.load(tmp_path / "a.ckpt"))

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# subprocesses run outside the repository, so they import the installed ckptfmt, not the source tree
 GOLDEN = ROOT / "conformance" / "golden"
 
 WITHOUT_ML_DTYPES = r"""
@@ -32,7 +33,7 @@ print("ok")
 
 def test_bfloat16_loads_as_raw_bytes_without_ml_dtypes(tmp_path: Path) -> None:
     r = subprocess.run([sys.executable, "-c", WITHOUT_ML_DTYPES, str(GOLDEN / "1.0" / "dtypes.ckpt"),
-                        str(tmp_path / "x.ckpt")], capture_output=True, text=True, check=False)
+                        str(tmp_path / "x.ckpt")], capture_output=True, text=True, check=False, cwd=tmp_path)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stdout + r.stderr
     assert not (tmp_path / "x.ckpt").exists()
 
@@ -55,5 +56,5 @@ print("ok")
 
 def test_compressed_files_name_the_compress_extra(tmp_path: Path) -> None:
     r = subprocess.run([sys.executable, "-c", WITHOUT_ZSTD, str(GOLDEN / "1.1" / "compressed_fast.ckpt"),
-                        str(GOLDEN / "1.1" / "packed.ckpt")], capture_output=True, text=True, check=False)
+                        str(GOLDEN / "1.1" / "packed.ckpt")], capture_output=True, text=True, check=False, cwd=tmp_path)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stdout + r.stderr
