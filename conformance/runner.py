@@ -43,6 +43,8 @@ def leaf_describer(backend: str) -> Any:
             import torch
         except ImportError:
             raise Skip("torch is not installed") from None
+        if not hasattr(torch, "Tensor"):  # a directory named torch (e.g. tests/torch) on the path
+            raise Skip("torch is not installed (found a namespace package)")
 
         def tleaf(x: Any) -> Any:
             if not isinstance(x, torch.Tensor):
