@@ -269,6 +269,7 @@ HIERARCHY = {
     "MetadataLimitError": (errors.InvalidMetadataError,),
     "UnsupportedVersionError": (errors.CheckpointError, ValueError),
     "UnsupportedDTypeError": (errors.CheckpointError, TypeError),
+    "UnsupportedCodecError": (errors.CheckpointError, TypeError),
     "UnsupportedObjectError": (errors.CheckpointError, TypeError),
     "InvalidKeyError": (errors.CheckpointError, ValueError),
     "CheckpointKeyError": (errors.CheckpointError, KeyError),
