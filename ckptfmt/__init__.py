@@ -15,6 +15,7 @@ from ._backend import ArrayBackend, DeviceSource, get_backend, register_backend
 from ._dtypes import DTYPES, DType
 from ._lazy import LazyArray
 from ._manifest import Limits, TensorEntry
+from ._migrate import migrate
 from ._reader import Checkpoint, TensorInfo, TensorSlice, VerifyReport
 from ._staging import SaveHandle, StagingPool
 from ._versions import FORMAT_MAJOR, FORMAT_MINOR
@@ -34,6 +35,7 @@ from .errors import (
     NotACheckpointFileError,
     ObjectLimitError,
     TruncatedCheckpointError,
+    UnsupportedCodecError,
     UnsupportedDTypeError,
     UnsupportedObjectError,
     UnsupportedVersionError,
@@ -79,6 +81,7 @@ __all__ = [
     "TensorInfo",
     "TensorSlice",
     "TruncatedCheckpointError",
+    "UnsupportedCodecError",
     "UnsupportedDTypeError",
     "UnsupportedObjectError",
     "UnsupportedVersionError",
@@ -90,6 +93,7 @@ __all__ = [
     "inspect",
     "load",
     "load_bytes",
+    "migrate",
     "open",
     "register_backend",
     "save",

@@ -27,6 +27,7 @@ from ._stream import is_path, name_of, open_bytes, open_stream, output
 from ._tree import count_leaves, plain, walk_leaves, walk_nodes
 from ._types import TYPES_KEY, encode_types
 from ._writer import Writer
+from ._writer11 import Writer11
 from .errors import (
     CheckpointNotFoundError,
     CorruptCheckpointError,
@@ -36,6 +37,20 @@ from .errors import (
 
 __version__ = "0.1.0"
 PRODUCER = {"name": "ckptfmt", "version": __version__}
+
+
+def _producer() -> dict[str, Any]:
+    """PRODUCER, or the JSON map in ``CKPTFMT_PRODUCER`` (with SOURCE_DATE_EPOCH: byte-reproducible files)."""
+    pinned = os.environ.get("CKPTFMT_PRODUCER")
+    if not pinned:
+        return PRODUCER
+    import json
+
+    value = json.loads(pinned)
+    if not isinstance(value, dict):
+        raise UnsupportedObjectError("CKPTFMT_PRODUCER must be a JSON object, e.g. {\"name\": \"ckptfmt\"}")
+    check_plain(value, what="producer")
+    return value
 
 
 def _created() -> str:
@@ -74,27 +89,30 @@ def _prepare(obj: Any, metadata: dict[str, Any] | None, alignment: int | None, l
         user = {**user, TYPES_KEY: types}
         containers += check_plain(types, what="a state dict's _metadata")
     tree = fit_metadata(what.tree, shapes=[tuple(src.shape) for src, _ in what.rows],
-                        dtypes={dt.name for _, dt in what.rows}, views=what.views, user=user, producer=PRODUCER,
+                        dtypes={dt.name for _, dt in what.rows}, views=what.views, user=user, producer=_producer(),
                         created=created, containers=what.containers + containers, limits=limits or Limits(),
                         itemsizes=[dt.itemsize for _, dt in what.rows])
     return align, what, user, tree
 
 
 def _write(target: Target, rows: list[tuple[Source, DType]], what: Plan, *, tree: PackedTree, align: int,
-           checksum: bool, durable: bool, created: str, user: dict[str, Any]) -> None:
+           checksum: bool, durable: bool, created: str, user: dict[str, Any], compression: str = "none",
+           pack: bool = False) -> None:
     with output(target, durable=durable) as sink:
-        writer = Writer(sink, alignment=align, checksum=checksum)
+        writer = Writer(sink, alignment=align, checksum=checksum) if compression == "none" and not pack else \
+            Writer11(sink, alignment=align, checksum=checksum, compression=compression, pack=pack)
         try:
             writer.write_blobs(rows)
         except BaseException:
             writer.close()
             raise
-        writer.finish(tree, producer=PRODUCER, created=created, user=user, views=what.views)
+        writer.finish(tree, producer=_producer(), created=created, user=user, views=what.views)
 
 
 def save(path: Target, obj: Any, *, metadata: dict[str, Any] | None = None, alignment: int | None = None,
          checksum: bool = True, durable: bool = True, background: bool = False,
-         staging: StagingPool | None = None, limits: Limits | None = None) -> SaveHandle | None:
+         staging: StagingPool | None = None, limits: Limits | None = None, compression: str = "none",
+         pack: bool = False) -> SaveHandle | None:
     """Write ``obj`` (nested dicts/lists/tuples of arrays and plain values) to ``path``, atomically.
 
     The previous file at ``path`` is replaced only once the new one is complete (and, with
@@ -108,15 +126,17 @@ def save(path: Target, obj: Any, *, metadata: dict[str, Any] | None = None, alig
     shared 1 GiB one), returns a :class:`SaveHandle` once the copy is done (so the arrays may change
     right away), and writes the file on a thread; errors surface at ``handle.wait()``, or at the next
     background save through the same pool if nobody waited.
+    ``compression`` (``none|fast|balanced|maximum``) and ``pack`` (small blobs at a 64-byte alignment)
+    write format 1.1 (spec §13-§14); without them the file is format 1.0.
     """
     created = _created()
     align, what, user, tree = _prepare(obj, metadata, alignment, limits, created)
+    how: dict[str, Any] = {"tree": tree, "align": align, "checksum": checksum, "durable": durable,
+                           "created": created, "user": user, "compression": compression, "pack": pack}
     if not background:
-        _write(path, what.rows, what, tree=tree, align=align, checksum=checksum, durable=durable, created=created,
-               user=user)
+        _write(path, what.rows, what, **how)
         return None
-    return _save_background(path, what, staging or _default_pool(), tree=tree, align=align, checksum=checksum,
-                            durable=durable, created=created, user=user)
+    return _save_background(path, what, staging or _default_pool(), **how)
 
 
 _POOL: StagingPool | None = None
@@ -356,7 +376,8 @@ def _same_node(ca: Checkpoint, x: Any, cb: Checkpoint, y: Any, key: str) -> bool
     ea, eb = ca.entry(rx[0]), cb.entry(ry[0])
     if (ea.dtype, ea.shape, ea.nbytes, rx[1]) != (eb.dtype, eb.shape, eb.nbytes, ry[1]):
         return False
-    if ea.checksum is not None and eb.checksum is not None and ea.checksum != eb.checksum:
+    raw = ca.manifest.tensors.codec_of(rx[0]) == "raw" == cb.manifest.tensors.codec_of(ry[0])  # 1.1: stored bytes
+    if raw and ea.checksum is not None and eb.checksum is not None and ea.checksum != eb.checksum:
         return False
     ra = ca.read_rows([rx[0]])[rx[0]].reshape(-1).view(np.uint8)
     rb = cb.read_rows([ry[0]])[ry[0]].reshape(-1).view(np.uint8)

@@ -123,6 +123,12 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_consolidate(args: argparse.Namespace) -> int:
+    from .distributed import _cli as sharded
+
+    return sharded.cmd_consolidate(args)
+
+
 def _cmd_verify(args: argparse.Namespace) -> int:
     import os
 
@@ -315,7 +321,17 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("consolidate", help="write a sharded (distributed) checkpoint directory as one ckptfmt file")
     s.add_argument("src")
     s.add_argument("dst")
-    s.set_defaults(func=lambda a: __import__("ckptfmt.distributed._cli", fromlist=["_"]).cmd_consolidate(a))
+    s.set_defaults(func=_cmd_consolidate)
+    s = sub.add_parser("migrate", help="rewrite a checkpoint in format 1.0 or 1.1 (lossless, atomic)")
+    s.add_argument("src")
+    s.add_argument("dst", help="may be SRC itself: it is replaced atomically")
+    s.add_argument("--to", required=True, choices=["1.0", "1.1"], help="1.0 decodes every blob; 1.1 compresses "
+                                                                        "and packs small blobs")
+    s.add_argument("--compression", choices=["none", "fast", "balanced", "maximum"],
+                   help="1.1 only (default fast)")
+    s.add_argument("--no-pack", action="store_true", help="1.1 only: keep every blob at the file's alignment")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=_cmd_migrate)
     s = sub.add_parser("ls", help="list the checkpoints of a CheckpointManager directory (its index.json)")
     s.add_argument("directory")
     s.add_argument("--json", action="store_true", help="print the index as JSON")
@@ -324,6 +340,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dir", help="keep the demo's files in this directory instead of a temporary one")
     s.set_defaults(func=_cmd_demo)
     return p
+
+
+def _cmd_migrate(args: argparse.Namespace) -> int:
+    from ._migrate import migrate
+
+    try:
+        migrate(args.src, args.dst, to=args.to, compression=args.compression,
+                pack=None if args.to == "1.0" else not args.no_pack, progress=not args.quiet)
+    except ValueError as e:
+        if isinstance(e, CheckpointError):
+            raise
+        print(f"ckptfmt: error: {e}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:

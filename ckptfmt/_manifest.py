@@ -111,9 +111,36 @@ class TensorTable:
     checksum: np.ndarray | None
     _shapes: list[tuple[int, ...]] | None = field(default=None, repr=False)
     _ends: np.ndarray | None = field(default=None, repr=False)
+    # format 1.1, compressed blobs (§13.2): None/0 when the file has none
+    codec_names: list[str] | None = None
+    codec: np.ndarray | None = None
+    stored: np.ndarray | None = None
+    piece_count: np.ndarray | None = None
+    piece_bytes: np.ndarray | None = None
+    chunk_bytes: int = 0
+    piece_start: np.ndarray | None = field(default=None, repr=False)
+    # format 1.1, packed blobs (§14): 0 when the file has none
+    pack_alignment: int = 0
+    pack_below: int = 0
+    #: where each blob's zero padding ends (set by the layout check of a packed file)
+    gap_end: np.ndarray | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
         return len(self.offset)
+
+    def stored_sizes(self) -> np.ndarray:
+        """Bytes each blob occupies in the file: ``stored`` (§13.2), else ``nbytes``."""
+        return self.nbytes if self.stored is None else self.stored
+
+    def codec_of(self, i: int) -> str:
+        """Row ``i``'s codec name (``raw`` in a file without compressed blobs)."""
+        return "raw" if self.codec is None or self.codec_names is None else self.codec_names[int(self.codec[i])]
+
+    def padding_end(self, i: int, alignment: int) -> int:
+        """Where the zero padding after row ``i``'s blob ends: the next blob, or the metadata."""
+        if self.gap_end is not None:
+            return int(self.gap_end[i])
+        return align_up(int(self.offset[i]) + int(self.stored_sizes()[i]), alignment)
 
     def shape(self, i: int) -> tuple[int, ...]:
         """Shape of row ``i`` (without building every row's shape: a lazy get reads one row)."""
@@ -157,6 +184,13 @@ class TensorTable:
         }
         if self.checksum is not None:
             out["checksum"] = self.checksum.astype(_U64).tobytes()
+        if self.codec is not None and self.stored is not None and self.piece_count is not None \
+                and self.piece_bytes is not None:  # §13.2
+            out.update(codecs=self.codec_names, codec=self.codec.astype(_U8).tobytes(),
+                       stored=self.stored.astype(_U64).tobytes(), pieces=self.piece_count.astype(_U64).tobytes(),
+                       piece_bytes=self.piece_bytes.astype(_U64).tobytes(), chunk_bytes=self.chunk_bytes)
+        if self.pack_alignment:  # §14
+            out.update(pack_alignment=self.pack_alignment, pack_below=self.pack_below)
         return out
 
 
@@ -481,8 +515,11 @@ _LEAVES = frozenset((str, bytes, bool, int, PlainInt, float, type(None), TensorR
 _TREE_TYPES = _LEAVES | {list, _Deferred}
 _KEYS = frozenset((str, int))
 _KNOWN_SECTIONS = frozenset(("tree", "tensors", "producer", "created", "user", "views"))
-#: Columns of the tensor and view tables a 1.0 reader knows; any other key is skipped undecoded (§4.3).
-TENSOR_COLUMNS = frozenset(("count", "dtypes", "dtype", "ndim", "shape", "offset", "nbytes", "checksum"))
+#: Columns of the tensor and view tables this reader knows (1.0, then the 1.1 feature columns of §13-§14,
+#: which ``_features`` checks against the header's feature bits); any other key is skipped undecoded (§4.3).
+TENSOR_COLUMNS = frozenset(("count", "dtypes", "dtype", "ndim", "shape", "offset", "nbytes", "checksum",
+                            "codecs", "codec", "stored", "pieces", "piece_bytes", "chunk_bytes",
+                            "pack_alignment", "pack_below"))
 VIEW_COLUMNS = frozenset(("count", "dtypes", "dtype", "ndim", "shape", "strides", "base", "offset"))
 
 
@@ -652,7 +689,7 @@ class _Decoder:
 
 
 def parse_manifest(data: bytes, *, path: str | None, minor: int, alignment: int, metadata_offset: int,
-                   limits: Limits) -> Manifest:
+                   limits: Limits, features: int = 0) -> Manifest:
     """Decode and validate the metadata bytes (§4, §8). Every failure is an :class:`InvalidMetadataError`.
 
     Memory stays within a small multiple of ``len(data)`` (§8.1): no byte is copied once per nesting
@@ -707,6 +744,9 @@ def parse_manifest(data: bytes, *, path: str | None, minor: int, alignment: int,
     except UnsupportedObjectError as e:
         raise InvalidMetadataError(path, str(e)) from None
     tensors = _parse_tensor_table(meta["tensors"], path=path, minor=minor, limits=limits)
+    from ._features import parse_features  # format 1.1 columns (§13-§14)
+
+    parse_features(meta["tensors"], tensors, features=features, alignment=alignment, path=path)
     views = _parse_views(meta["views"], tensors, path=path, minor=minor, limits=limits) if "views" in meta \
         else EMPTY_VIEWS
     _check_refs(dec.view_refs, len(views), path, what="views")
@@ -936,9 +976,17 @@ def _nonzero_bytes(shape: tuple[int, ...], itemsize: int) -> int:
 
 def check_layout(tt: TensorTable, *, alignment: int, metadata_offset: int, path: str | None) -> None:
     """Blobs lie in table order, each at the next multiple of the alignment, with nothing between (§4.5)."""
+    if tt.pack_alignment:  # format 1.1 packed blobs: two alignments (§14.2)
+        from ._features import packed_layout
+
+        end = packed_layout(tt, alignment=alignment, first=blob_region_start(alignment), path=path)
+        if end != metadata_offset:
+            raise InvalidMetadataError(path, f"metadata starts at {metadata_offset}, expected {end} (after the "
+                                             "last blob's padding)")
+        return
     a = np.uint64(alignment)
     first = np.uint64(blob_region_start(alignment))
-    nb = tt.nbytes
+    nb = tt.stored_sizes()  # format 1.1: compressed blobs occupy their stored size (§13.2)
     if len(nb) and float(nb.astype(np.float64).sum()) > 2.0**62:
         raise InvalidMetadataError(path, "blob sizes add up to more than 2**62 bytes")
     span = (nb + (a - np.uint64(1))) & ~(a - np.uint64(1))

@@ -31,7 +31,6 @@ from ._manifest import (
     Manifest,
     TensorEntry,
     ViewRef,
-    align_up,
     blob_region_start,
     parse_manifest,
     tensor_ref,
@@ -218,7 +217,8 @@ class Checkpoint:
                                         region="metadata")
         self.manifest: Manifest = parse_manifest(
             meta, path=path, minor=self.header.minor, alignment=self.header.alignment,
-            metadata_offset=self.footer.metadata_offset, limits=self._limits)
+            metadata_offset=self.footer.metadata_offset, limits=self._limits,
+            features=self.header.required_features)
         if start > HEADER_SIZE and not _zero_range(self._check_open(), HEADER_SIZE, start):
             raise CorruptCheckpointError(path, f"padding bytes {HEADER_SIZE}..{start - 1} after the header are "
                                                "not zero")
@@ -375,6 +375,15 @@ class Checkpoint:
         tt = self.manifest.tensors
         return int(tt.offset[row]), int(tt.nbytes[row]), None if tt.checksum is None else int(tt.checksum[row])
 
+    def _decoded(self, row: int, verify: bool) -> memoryview | None:
+        """Row ``row``'s decoded bytes if it is a compressed blob (format 1.1, §13), else None (read it in place)."""
+        if self.manifest.tensors.codec_of(row) == "raw":
+            return None
+        from ._decode import read_compressed
+
+        arr = read_compressed(self, [row], verify=verify)[row]
+        return np.ascontiguousarray(arr).reshape(-1).view(np.uint8).data
+
     def read_into(self, key: str | int, out: Any, *, verify: bool = True) -> int:
         """Read the bytes of the tensor at ``key`` into ``out``, a writable buffer its size; returns the size.
 
@@ -392,6 +401,10 @@ class Checkpoint:
         off, nb, want = self._blob(row)
         if len(dest) != nb:
             raise ValueError(f"{self.path}: tensor {key!r} is {nb} bytes; the buffer has {len(dest)}")
+        decoded = self._decoded(row, verify)
+        if decoded is not None:  # checked (stored bytes) and decoded whole, then copied
+            dest[:] = decoded
+            return nb
         file = self._check_open()
         with file.held() as fd:
             if nb >= _PARALLEL_MIN and _WORKERS > 1:
@@ -431,6 +444,14 @@ class Checkpoint:
 
     def _chunks(self, key: str | int, row: int, off: int, nb: int, want: int | None, size: int,
                 slots: list[memoryview] | None) -> Iterator[memoryview]:
+        decoded = self._decoded(row, want is not None)
+        if decoded is not None:  # a compressed blob: checked and decoded whole first (§13), then handed out
+            for k, a in enumerate(range(0, nb, size)):
+                n = min(size, nb - a)
+                dest = slots[k % len(slots)][:n] if slots is not None else memoryview(bytearray(n))
+                dest[:] = decoded[a : a + n]
+                yield dest
+            return
         file = self._check_open()
         h = hasher() if want is not None else None
         for k, a in enumerate(range(0, nb, size)):
@@ -480,9 +501,12 @@ class Checkpoint:
         stage = getattr(sl.backend, "pinned_empty", None)
         host = stage(nbytes, sl.device) if stage is not None and nbytes else None
         arr = np.empty(plan.shape, dtype=npd) if host is None else host.view(npd).reshape(plan.shape)
+        decoded = None if plan.whole else self._decoded(sl.row, True)
         if plan.whole:
             if arr.nbytes:
                 self.read_into(sl.row, arr, verify=True)
+        elif decoded is not None:  # a compressed blob: decoded whole (and verified), then indexed
+            arr[...] = np.frombuffer(decoded, dtype=npd).reshape(sl.shape)[index]
         elif plan.starts:
             off, _, _ = self._blob(sl.row)
             box = np.empty(plan.box_shape, dtype=npd)
@@ -523,11 +547,11 @@ class Checkpoint:
 
     def _check_padding(self, row: int) -> None:
         tt = self.manifest.tensors
-        nb = int(tt.nbytes[row])
+        nb = int(tt.stored_sizes()[row])
         if not nb:
             return
         end = int(tt.offset[row]) + nb
-        pad = align_up(end, self.header.alignment) - end
+        pad = tt.padding_end(row, self.header.alignment) - end
         if pad and not _zero_range(self._check_open(), end, end + pad):
             raise CorruptCheckpointError(self.path, f"padding bytes {end}..{end + pad - 1} after tensor "
                                                     f"{self._key_of(row)!r} are not zero")
@@ -569,6 +593,17 @@ class Checkpoint:
         """
         file = self._check_open()
         tt = self.manifest.tensors
+        if tt.codec is not None:  # format 1.1: compressed rows are decoded into fresh arrays (§13)
+            from ._decode import read_compressed
+
+            rows = list(rows)
+            coded = [i for i in rows if tt.codec_of(i) != "raw"]
+            if coded:
+                decoded = read_compressed(self, coded, verify=verify)
+                rest = [i for i in rows if tt.codec_of(i) == "raw"]
+                if rest:
+                    decoded.update(self.read_rows(rest, verify=verify, mmap=mmap, writable=writable))
+                return {i: decoded[i] for i in rows}
         rows = list(rows)
         offsets, sizes, codes, sums = self._columns(rows, verify)
         npd = [numpy_dtype(DTYPES[n]) if n in DTYPES else None for n in tt.dtype_names]
@@ -680,7 +715,7 @@ class Checkpoint:
 
     def _read(self, rows: Iterable[int], be: ArrayBackend, device: str | None, *, verify: bool, mmap: bool
               ) -> Callable[[int, bool | None], Any]:
-        if self._direct(be, device):
+        if self._direct(be, device) and self.manifest.tensors.codec is None:  # compressed rows decode on the host
             self._check_open()
             made = be.read_to_device(self, list(rows), device, verify=verify)  # type: ignore[attr-defined]
             return self._converter(made, be, device, ready=True)
@@ -710,7 +745,7 @@ class Checkpoint:
         tt = self.manifest.tensors
         report = VerifyReport(self.path, ok=True, checksummed=tt.checksum is not None)
         sums = tt.checksum.tolist() if tt.checksum is not None else None
-        offsets, sizes = tt.offset.tolist(), tt.nbytes.tolist()
+        offsets, sizes = tt.offset.tolist(), tt.stored_sizes().tolist()
         bools = [tt.dtype_names[c] == "bool" for c in tt.dtype_code.tolist()]
         view = memoryview(self._map()) if len(tt) else None
         try:
@@ -719,7 +754,7 @@ class Checkpoint:
                 try:
                     if nb and sums is not None and view is not None and checksum(view[off : off + nb]) != sums[i]:
                         raise self._mismatch(i)
-                    if nb and bools[i] and view is not None and \
+                    if nb and bools[i] and view is not None and tt.codec_of(i) == "raw" and \
                             np.frombuffer(view[off : off + nb], np.uint8).max() > 1:
                         raise InvalidMetadataError(self.path, f"tensor {self._key_of(i)!r}: a bool byte is neither 0 "
                                                               "nor 1 (§6)")

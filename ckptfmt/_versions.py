@@ -9,12 +9,20 @@ from __future__ import annotations
 from .errors import UnsupportedVersionError
 
 FORMAT_MAJOR = 1
-FORMAT_MINOR = 0
+FORMAT_MINOR = 1
 
-#: Required feature bits this reader understands (none are defined in 1.0).
-KNOWN_REQUIRED_FEATURES = 0
+#: Required feature bits (§13.1): a reader that does not know one must refuse the file.
+FEATURE_COMPRESSED = 0x1  # per-row codecs, stored sizes and the piece table (§13.2)
+FEATURE_PACKED = 0x2  # small blobs at the pack alignment (§14)
+#: Required feature bits this reader understands.
+KNOWN_REQUIRED_FEATURES = FEATURE_COMPRESSED | FEATURE_PACKED
 #: Optional feature bits this reader makes use of (none in 1.0; unknown ones are ignored).
 KNOWN_OPTIONAL_FEATURES = 0
+
+
+def minor_for(required_features: int) -> int:
+    """The minor a writer puts in the header: 1.0 unless a 1.1 feature is used (a 1.0 file stays 1.0)."""
+    return 1 if required_features else 0
 
 
 def check_version(path: str | None, major: int, minor: int, required_features: int) -> None:

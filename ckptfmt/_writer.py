@@ -23,6 +23,7 @@ from ._dtypes import DType
 from ._footer import Footer
 from ._header import Header
 from ._manifest import TensorTable, ViewTable, align_up, blob_region_start, pack_metadata
+from ._versions import minor_for
 
 #: Blobs below this are copied into the batch buffer; larger ones are written in place (gathered with
 #: what the buffer holds into one ``writev``), so neither copied nor followed by a zeroing of the buffer.
@@ -100,6 +101,9 @@ class Writer:
     times) with the tensors in table order; 3. :meth:`finish` writes the metadata and the footer.
     """
 
+    #: required feature bits the header announces (format 1.1 writers set them before __init__)
+    required_features = 0
+
     def __init__(self, fd: Sink, *, alignment: int, checksum: bool = True) -> None:
         self._fd = fd
         self._alignment = alignment
@@ -116,7 +120,9 @@ class Writer:
         self._offset: list[int] = []
         self._nbytes: list[int] = []
         self._sums: list[int] = []
-        self._emit(memoryview(Header(alignment=alignment).pack()))
+        header = Header(minor=minor_for(self.required_features), required_features=self.required_features,
+                        alignment=alignment)
+        self._emit(memoryview(header.pack()))
         self._pad_to(blob_region_start(alignment))
 
     # -- byte output
@@ -249,22 +255,25 @@ class Writer:
         try:
             meta_offset = align_up(self._pos, self._alignment)
             self._pad_to(meta_offset)
-            table = TensorTable(
-                dtype_names=list(self._dtype_codes),
-                dtype_code=np.asarray(self._code, dtype=np.uint8),
-                ndim=np.asarray(self._ndim, dtype=np.uint8),
-                shape_flat=np.asarray(self._shape, dtype=np.uint64),
-                offset=np.asarray(self._offset, dtype=np.uint64),
-                nbytes=np.asarray(self._nbytes, dtype=np.uint64),
-                checksum=np.asarray(self._sums, dtype=np.uint64) if self._checksum else None,
-            )
-            meta = pack_metadata(tree, table, producer, created, user, views)
+            meta = pack_metadata(tree, self._table(), producer, created, user, views)
             self._emit(memoryview(meta))
             self._emit(memoryview(Footer(meta_offset, len(meta), checksum(meta)).pack()))
             self._flush()
             return self._pos
         finally:
             self.close()
+
+    def _table(self) -> TensorTable:
+        """The tensor table of the rows written so far."""
+        return TensorTable(
+            dtype_names=list(self._dtype_codes),
+            dtype_code=np.asarray(self._code, dtype=np.uint8),
+            ndim=np.asarray(self._ndim, dtype=np.uint8),
+            shape_flat=np.asarray(self._shape, dtype=np.uint64),
+            offset=np.asarray(self._offset, dtype=np.uint64),
+            nbytes=np.asarray(self._nbytes, dtype=np.uint64),
+            checksum=np.asarray(self._sums, dtype=np.uint64) if self._checksum else None,
+        )
 
     def close(self) -> None:
         """End of the call sequence; nothing is held open (the output belongs to the caller)."""

@@ -14,6 +14,7 @@ user would catch for the same situation::
     │       └── MetadataLimitError
     ├── UnsupportedVersionError (ValueError)
     ├── UnsupportedDTypeError (TypeError)
+    ├── UnsupportedCodecError (TypeError)
     ├── UnsupportedObjectError (TypeError)
     │   └── ObjectLimitError
     ├── InvalidKeyError (ValueError)
@@ -43,6 +44,7 @@ __all__ = [
     "NotACheckpointFileError",
     "ObjectLimitError",
     "TruncatedCheckpointError",
+    "UnsupportedCodecError",
     "UnsupportedDTypeError",
     "UnsupportedObjectError",
     "UnsupportedVersionError",
@@ -116,6 +118,10 @@ class UnsupportedVersionError(CheckpointError, ValueError):
 
 class UnsupportedDTypeError(CheckpointError, TypeError):
     """An array's dtype has no canonical name in the format, or a file names a dtype we do not know."""
+
+
+class UnsupportedCodecError(CheckpointError, TypeError):
+    """A tensor is stored with a codec this reader does not know (format 1.1 §13); other tensors still load."""
 
 
 class UnsupportedObjectError(CheckpointError, TypeError):

@@ -20,7 +20,7 @@ EXPORTS = [
     "ChecksumMismatchError", "CorruptCheckpointError", "FORMAT_MAJOR", "FORMAT_MINOR", "InvalidKeyError",
     "InvalidMetadataError", "LazyArray", "Limits", "MetadataLimitError", "MissingDependencyError",
     "NotACheckpointFileError", "ObjectLimitError", "SaveHandle", "StagingPool", "TensorEntry", "TensorInfo",
-    "CheckpointClosedError", "TensorSlice",
+    "CheckpointClosedError", "TensorSlice", "UnsupportedCodecError", "migrate",
     "TruncatedCheckpointError", "UnsupportedDTypeError", "UnsupportedObjectError", "UnsupportedVersionError",
     "VerifyReport", "__version__", "convert", "diff", "get_backend", "inspect", "load", "load_bytes", "open",
     "register_backend",
@@ -37,7 +37,7 @@ def test_all_snapshot() -> None:
 
 
 def test_version_constants() -> None:
-    assert (ckptfmt.FORMAT_MAJOR, ckptfmt.FORMAT_MINOR) == (1, 0)
+    assert (ckptfmt.FORMAT_MAJOR, ckptfmt.FORMAT_MINOR) == (1, 1)
     tomllib = pytest.importorskip("tomllib")  # Python 3.11+
     pyproject = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())
     assert ckptfmt.__version__ == pyproject["project"]["version"]

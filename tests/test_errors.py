@@ -270,6 +270,7 @@ HIERARCHY = {
     "MetadataLimitError": (errors.InvalidMetadataError,),
     "UnsupportedVersionError": (errors.CheckpointError, ValueError),
     "UnsupportedDTypeError": (errors.CheckpointError, TypeError),
+    "UnsupportedCodecError": (errors.CheckpointError, TypeError),
     "UnsupportedObjectError": (errors.CheckpointError, TypeError),
     "ObjectLimitError": (errors.UnsupportedObjectError,),
     "InvalidKeyError": (errors.CheckpointError, ValueError),

@@ -109,7 +109,7 @@ def test_unknown_optional_feature_bits_are_ignored(crafted: Craft, tmp_ckpt: Pat
         assert ckpt.version == (1, minor)
 
 
-@pytest.mark.parametrize("minor, required", [(0, 1), (1, 1), (1, 0x8000_0000), (3, 0x10)])
+@pytest.mark.parametrize("minor, required", [(0, 4), (1, 4), (1, 0x8000_0000), (3, 0x10)])  # 0x1, 0x2: format 1.1
 def test_unknown_required_feature_bits_are_unsupported(crafted: Craft, tmp_ckpt: Path, minor: int,
                                                        required: int) -> None:
     c = crafted()
@@ -170,7 +170,7 @@ def test_nonzero_header_padding(tmp_ckpt: Path) -> None:
 def test_reserved_footer_bytes(crafted: Craft, tmp_ckpt: Path) -> None:
     c = crafted()
     invalid(c, tmp_ckpt, match="reserved", footer={"reserved": b"\x01" + bytes(23)})
-    c.header = {"minor": 1}
+    c.header = {"minor": 2}  # a minor later than this reader's
     assert loads(c, tmp_ckpt, footer={"reserved": b"\x01" + bytes(23)})["b"][1] == 7
 
 
@@ -662,7 +662,7 @@ def test_unknown_dtype_in_a_1_0_file(tmp_ckpt: Path, name: str) -> None:
 def new_dtype_file() -> Crafted:
     """A 1.1 file with a dtype this reader does not know, next to one it does."""
     return Crafted(blobs=[Blob("float4_e2m1", (4,), b"\x12\x34"), blob(np.ones(2, np.float32))],
-                   tree={"n": 0, "f": 1, "s": "x"}, header={"minor": 1}).layout()
+                   tree={"n": 0, "f": 1, "s": "x"}, header={"minor": 2}).layout()
 
 
 def test_unknown_dtype_in_a_later_minor_opens_and_refuses_only_that_tensor(tmp_ckpt: Path) -> None:
