@@ -96,8 +96,29 @@ def _first_difference(a: Any, b: Any, where: str = "") -> str:
     return f"{where or '/'}: expected {json.dumps(a)[:200]}, got {json.dumps(b)[:200]}"
 
 
+def run_corrupt_case(case: dict[str, Any], base: Path, backend: str) -> dict[str, Any]:
+    """Check one entry of ``corrupt/manifest.json`` (``make_corrupt.py``): ``load`` names the error class, or
+    is null for a file that must load; ``limits`` are the reader caps to open it with, ``keys`` the keys to load."""
+    path = base / case["file"]
+    want = case.get("load")
+    out: dict[str, Any] = {"file": case["file"], "expect": "load" if want is None else "error",
+                           "rule": case.get("rule")}
+    limits = ckptfmt.Limits(**case["limits"]) if case.get("limits") else None
+    device = "cuda" if backend == "cupy" else None
+    try:
+        ckptfmt.load(path, keys=case.get("keys"), backend=backend, device=device, limits=limits)
+    except ckptfmt.CheckpointError as e:
+        cls = getattr(errors, str(want), None)
+        ok = cls is not None and isinstance(e, cls)
+        return {**out, "ok": ok, "got": type(e).__name__,
+                "detail": "" if ok else f"expected {want or 'a load'}, got {type(e).__name__}: {e}"}
+    return {**out, "ok": want is None, "detail": "" if want is None else f"loaded, expected {want}"}
+
+
 def run_case(case: dict[str, Any], base: Path, backend: str, leaf: Any) -> dict[str, Any]:
     """Check one manifest entry; returns its report line."""
+    if "expect" not in case and "load" in case:  # the corrupt-file manifest's entry shape
+        return run_corrupt_case(case, base, backend)
     path = base / case["file"]
     out: dict[str, Any] = {"file": case["file"], "expect": case.get("expect", "load")}
     device = "cuda" if backend == "cupy" else None
