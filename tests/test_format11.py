@@ -152,7 +152,7 @@ def test_non_contiguous_and_streamed_sources_compress(tmp_path: Path) -> None:
 
     base = weights(400_000).reshape(800, 500)
     raw = base.tobytes()
-    lazy = LazyArray((800, 500), DTYPES["float32"], lambda off, n: raw[off : off + n])
+    lazy = LazyArray.from_read((800, 500), DTYPES["float32"], lambda off, n: raw[off : off + n])
     big_endian = base.astype(">f4")
     ckptfmt.save(tmp_path / "s.ckpt", {"t": base[:, ::2], "lazy": lazy, "be": big_endian}, compression="fast")
     back = ckptfmt.load(tmp_path / "s.ckpt")
