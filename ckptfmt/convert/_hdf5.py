@@ -13,7 +13,6 @@ result streams each dataset from the HDF5 file without ever holding a whole tens
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -24,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from .._atomic import fsync_directory, remove_stale_temps, temp_path
+from .._atomic import atomic_file
 from .._dtypes import DTYPES, DType, from_numpy, numpy_dtype
 from .._keypath import join
 from .._manifest import TensorRef, ViewRef
@@ -197,30 +196,15 @@ def export_hdf5(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, com
             options["compression_opts"] = compression_opts
     if chunks or compression is not None:
         options["chunks"] = True
-    with Checkpoint(src) as ckpt:
-        target = os.path.abspath(os.fspath(dst))
-        directory = os.path.dirname(target)
-        remove_stale_temps(directory)
-        tmp = temp_path(target)
-        try:
-            with h5py.File(tmp, "w", libver=_libver(h5py)) as f:
-                f.attrs[A_FORMAT] = FORMAT_NAME
-                f.attrs[A_VERSION] = np.int64(FORMAT_VERSION)
-                writer = _Writer(h5py, f, ckpt, options, progress)
-                writer.container(f, ckpt.manifest.tree, (), tree=True, root=True)
-                if ckpt.metadata:
-                    writer.container(f.create_group(METADATA_GROUP), ckpt.metadata, (), tree=False)
-            fd = os.open(tmp, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, target)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        fsync_directory(directory)
+    # the one atomic-file helper: a locked temporary (exclusive, NAME_MAX-safe), fsync, rename, directory
+    # fsync; written through a file object, so HDF5 never opens the temporary by name itself
+    with Checkpoint(src) as ckpt, atomic_file(dst) as out, h5py.File(out, "w", libver=_libver(h5py)) as f:
+        f.attrs[A_FORMAT] = FORMAT_NAME
+        f.attrs[A_VERSION] = np.int64(FORMAT_VERSION)
+        writer = _Writer(h5py, f, ckpt, options, progress)
+        writer.container(f, ckpt.manifest.tree, (), tree=True, root=True)
+        if ckpt.metadata:
+            writer.container(f.create_group(METADATA_GROUP), ckpt.metadata, (), tree=False)
 
 
 class _Writer:
