@@ -6,8 +6,10 @@ the library's own writer, so a crafted file can break exactly one rule while eve
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import struct
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +19,13 @@ import msgpack
 import numpy as np
 import pytest
 import xxhash
+
+# This folder is on sys.path (pytest's rootdir-relative imports), so where torch is not installed
+# `import torch` would find tests/torch/ (the tests of ckptfmt.torch) as an empty namespace package
+# and torch-less environments (tox -e minimal, numpy1, py3xx) would fail instead of skipping.
+_torch_spec = importlib.util.find_spec("torch")
+if _torch_spec is not None and _torch_spec.origin in (None, "namespace"):
+    sys.modules["torch"] = None  # type: ignore[assignment]  # `import torch` raises ImportError: tests skip
 
 MAGIC = b"\x89CKPT\r\n\x1a"
 FOOTER_MAGIC = b"CKPTFOOT"
