@@ -52,7 +52,7 @@ ckptfmt.save(p, {{"w": np.ones(3), "s": np.float32(1), "n": 1}})
 ckptfmt.load(p); ckptfmt.load(p, mmap=False); ckptfmt.inspect(p); ckptfmt.verify(p); ckptfmt.diff(p, p)
 print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "cupy", "jax", "tensorflow"))))
 """
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=tmp_path)
     assert json.loads(out.stdout) == []
 
 

@@ -104,7 +104,7 @@ def test_no_module_imports_one_that_imports_it_back() -> None:
     assert _cycles(graph) == []
 
 
-def test_every_module_imports_first_in_a_fresh_interpreter() -> None:
+def test_every_module_imports_first_in_a_fresh_interpreter(tmp_path: Path) -> None:
     """Each module imported first (leaves before the package) in one fresh interpreter each batch."""
     names = [n for n in _modules() if not n.endswith("__main__")]
     missing = [m for m in OPTIONAL if importlib.util.find_spec(m) is None]
@@ -129,10 +129,10 @@ def test_every_module_imports_first_in_a_fresh_interpreter() -> None:
         "    except ImportError as e:\n"
         "        if (e.name or '').partition('.')[0] not in missing: raise\n"
     )
-    done = subprocess.run([sys.executable, "-c", batch], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    done = subprocess.run([sys.executable, "-c", batch], capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert done.returncode == 0, done.stderr
     # the two modules that once imported each other, each truly first in a new interpreter
     for name in ("ckptfmt.backends._cuda", "ckptfmt._demo"):
-        done = subprocess.run([sys.executable, "-c", script, name], capture_output=True, text=True, cwd=ROOT,
+        done = subprocess.run([sys.executable, "-c", script, name], capture_output=True, text=True, cwd=tmp_path,
                               timeout=120)
         assert done.returncode == 0, done.stderr

@@ -165,5 +165,6 @@ ckptfmt.get_backend("numpy"); ckptfmt.verify(p)
 print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "cupy", "jax", "tensorflow")
                         or m in ("ckptfmt.backends.torch", "ckptfmt.backends.cupy", "ckptfmt.backends._cuda"))))
 """
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    # run from tmp_path: from the repo root, the source folder would shadow a non-editable install (tox)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=tmp_path)
     assert json.loads(out.stdout) == []
