@@ -75,13 +75,15 @@ def describe(node: Any, leaf: Any) -> Any:
     return value(node)
 
 
+def numpy_array_leaf(x: Any) -> Any:
+    """The description of a numpy array or numpy scalar; None for anything else."""
+    if isinstance(x, np.ndarray):
+        return numpy_leaf(x)
+    if isinstance(x, np.generic):
+        return numpy_leaf(x, scalar=True)
+    return None
+
+
 def numpy_describe(node: Any) -> Any:
     """Describe a tree whose arrays are numpy arrays or numpy scalars."""
-    def leaf(x: Any) -> Any:
-        if isinstance(x, np.ndarray):
-            return numpy_leaf(x)
-        if isinstance(x, np.generic):
-            return numpy_leaf(x, scalar=True)
-        return None
-
-    return describe(node, leaf)
+    return describe(node, numpy_array_leaf)

@@ -17,7 +17,7 @@ import numpy as np
 
 import ckptfmt
 from ckptfmt import errors
-from conformance.describe import describe, numpy_leaf, tensor
+from conformance.describe import describe, numpy_array_leaf, numpy_leaf, tensor
 
 HERE = Path(__file__).resolve().parent
 MANIFESTS = (HERE / "manifest.json", HERE / "corrupt" / "manifest.json")
@@ -31,13 +31,7 @@ class Skip(Exception):
 def leaf_describer(backend: str) -> Any:
     """A function describing one loaded array of ``backend`` (None for anything else)."""
     if backend == "numpy":
-        def leaf(x: Any) -> Any:
-            if isinstance(x, np.ndarray):
-                return numpy_leaf(x)
-            if isinstance(x, np.generic):
-                return numpy_leaf(x, scalar=True)
-            return None
-        return leaf
+        return numpy_array_leaf
     if backend == "torch":
         try:
             import torch

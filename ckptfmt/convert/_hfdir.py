@@ -163,7 +163,7 @@ def read_torch_sharded(path: str, *, allow_pickle: bool, detect: Detect) -> tupl
     shard (tied embeddings) still share it. The metadata holds the index's ``metadata`` and the shards'
     state-dict versions.
     """
-    from ._safetensors import read_safetensors
+    from ._safetensors import add_shard, check_weight_map, read_safetensors
     from ._torch import STATE_DICT_METADATA, load_torch
 
     if os.path.isdir(path):
@@ -199,16 +199,9 @@ def read_torch_sharded(path: str, *, allow_pickle: bool, detect: Detect) -> tupl
                 versions.setdefault(k, v)
         if not isinstance(part, dict):
             raise CorruptSourceError(file, f"shard {shard!r} holds a {type(part).__name__}, not a state dict")
-        for name, value in part.items():
-            if name in state:
-                raise CorruptSourceError(file, f"tensor {name!r} is also in shard {where[name]!r}")
-            where[name] = shard
-            state[name] = value
+        add_shard(state, where, part, shard, file)
     if weight_map is not None:
-        for name, shard in weight_map.items():
-            if where.get(name) != shard:
-                raise CorruptSourceError(cited, f"weight_map puts {name!r} in {shard!r}, but "
-                                         + ("it is not there" if name not in where else f"it is in {where[name]!r}"))
+        check_weight_map(weight_map, where, cited)
     if versions:
         meta[STATE_DICT_METADATA] = versions
     return state, meta

@@ -174,6 +174,23 @@ def find_index(directory: str) -> str | None:
     return os.path.join(directory, found[0]) if found else None
 
 
+def add_shard(state: dict[str, Any], where: dict[str, str], part: dict[str, Any], shard: str, file: str) -> None:
+    """Merge one shard's tensors into ``state``; a name in two shards is a corrupt source."""
+    for name, value in part.items():
+        if name in state:
+            raise CorruptSourceError(file, f"tensor {name!r} is also in shard {where[name]!r}")
+        where[name] = shard
+        state[name] = value
+
+
+def check_weight_map(weight_map: dict[str, str], where: dict[str, str], cited: str) -> None:
+    """Every tensor the index lists is in the shard it names (``where``: tensor -> shard actually read)."""
+    for name, shard in weight_map.items():
+        if where.get(name) != shard:
+            raise CorruptSourceError(cited, f"weight_map puts {name!r} in {shard!r}, but "
+                                     + ("it is not there" if name not in where else f"it is in {where[name]!r}"))
+
+
 def read_sharded(path: str) -> tuple[dict[str, FileArray], dict[str, Any]]:
     """Merge the shards of an index file (or a directory) into one ``{name: tensor}`` and one metadata dict.
 
@@ -214,15 +231,8 @@ def read_sharded(path: str) -> tuple[dict[str, FileArray], dict[str, Any]]:
         part, meta = read_safetensors(file)
         for k, v in meta.items():
             merged.setdefault(k, v)
-        for name, t in part.items():
-            if name in tensors:
-                raise CorruptSourceError(file, f"tensor {name!r} is also in shard {where[name]!r}")
-            where[name] = shard
-            tensors[name] = t
+        add_shard(tensors, where, part, shard, file)
     if weight_map is not None:
-        for name, shard in weight_map.items():
-            if where.get(name) != shard:
-                raise CorruptSourceError(index_path or path, f"weight_map puts {name!r} in {shard!r}, but "
-                                         + ("it is not there" if name not in where else f"it is in {where[name]!r}"))
+        check_weight_map(weight_map, where, index_path or path)
     merged.update(extra)
     return tensors, merged
