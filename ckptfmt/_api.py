@@ -26,7 +26,7 @@ from ._staging import SaveHandle, Stager, StagingPool, _Cancelled, _Feed, staged
 from ._stream import is_path, name_of, open_bytes, open_stream, output
 from ._tree import count_leaves, plain, walk_leaves, walk_nodes
 from ._types import TYPES_KEY, encode_types
-from ._writer import Writer
+from ._writer import ProgressCallback, Writer
 from ._writer11 import Writer11
 from .errors import (
     CheckpointNotFoundError,
@@ -97,10 +97,11 @@ def _prepare(obj: Any, metadata: dict[str, Any] | None, alignment: int | None, l
 
 def _write(target: Target, rows: list[tuple[Source, DType]], what: Plan, *, tree: PackedTree, align: int,
            checksum: bool, durable: bool, created: str, user: dict[str, Any], compression: str = "none",
-           pack: bool = False) -> None:
+           pack: bool = False, progress: ProgressCallback | None = None) -> None:
     with output(target, durable=durable) as sink:
-        writer = Writer(sink, alignment=align, checksum=checksum) if compression == "none" and not pack else \
-            Writer11(sink, alignment=align, checksum=checksum, compression=compression, pack=pack)
+        writer = Writer(sink, alignment=align, checksum=checksum, progress=progress) \
+            if compression == "none" and not pack else \
+            Writer11(sink, alignment=align, checksum=checksum, compression=compression, pack=pack, progress=progress)
         try:
             writer.write_blobs(rows)
         except BaseException:
@@ -112,7 +113,7 @@ def _write(target: Target, rows: list[tuple[Source, DType]], what: Plan, *, tree
 def save(path: Target, obj: Any, *, metadata: dict[str, Any] | None = None, alignment: int | None = None,
          checksum: bool = True, durable: bool = True, background: bool = False,
          staging: StagingPool | None = None, limits: Limits | None = None, compression: str = "none",
-         pack: bool = False) -> SaveHandle | None:
+         pack: bool = False, progress: ProgressCallback | None = None) -> SaveHandle | None:
     """Write ``obj`` (nested dicts/lists/tuples of arrays and plain values) to ``path``, atomically.
 
     The previous file at ``path`` is replaced only once the new one is complete (and, with
@@ -128,11 +129,15 @@ def save(path: Target, obj: Any, *, metadata: dict[str, Any] | None = None, alig
     background save through the same pool if nobody waited.
     ``compression`` (``none|fast|balanced|maximum``) and ``pack`` (small blobs at a 64-byte alignment)
     write format 1.1 (spec §13-§14); without them the file is format 1.0.
+    ``progress``, when given, is called by the writer with each increment of tensor bytes written
+    (e.g. ``tqdm.update``); the increments add up to the bytes of the distinct tensors stored (bytes
+    shared by several views count once). With ``background=True`` it is called on the writing thread.
     """
     created = _created()
     align, what, user, tree = _prepare(obj, metadata, alignment, limits, created)
     how: dict[str, Any] = {"tree": tree, "align": align, "checksum": checksum, "durable": durable,
-                           "created": created, "user": user, "compression": compression, "pack": pack}
+                           "created": created, "user": user, "compression": compression, "pack": pack,
+                           "progress": progress}
     if not background:
         _write(path, what.rows, what, **how)
         return None

@@ -10,6 +10,8 @@ replaces ``dst`` atomically.
 from __future__ import annotations
 
 import os
+import sys
+from collections.abc import Callable
 from typing import Any
 
 import msgpack
@@ -37,7 +39,7 @@ def _tree_bytes(ckpt: Checkpoint) -> Any:
     return msgpack.unpackb(meta, raw=False, strict_map_key=False)["tree"]
 
 
-def _source(ckpt: Checkpoint, row: int, progress: Any) -> LazyArray:
+def _source(ckpt: Checkpoint, row: int) -> LazyArray:
     """Row ``row``'s decoded bytes as a streamed array."""
     tt = ckpt.manifest.tensors
     dtype = ckpt._dtype(row)
@@ -46,8 +48,6 @@ def _source(ckpt: Checkpoint, row: int, progress: Any) -> LazyArray:
     view = memoryview(ckpt._map())
     if tt.codec_of(row) == "raw":
         def read(start: int, n: int) -> Any:
-            if progress is not None:
-                progress.update(n)
             return view[off + start : off + start + n]
     else:
         import numpy as np
@@ -61,20 +61,22 @@ def _source(ckpt: Checkpoint, row: int, progress: Any) -> LazyArray:
             out = np.empty(n, np.uint8)
             decode_into(info, lambda o, k: view[o : o + k], out, lambda: f"{ckpt.path}: tensor {key!r}",
                         start=start, stop=start + n)
-            if progress is not None:
-                progress.update(n)
             return out
     return LazyArray.from_read(shape, dtype, read)
 
 
 def migrate(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, to: str = "1.1",
-            compression: str | None = None, pack: bool | None = None, progress: bool = False,
+            compression: str | None = None, pack: bool | None = None,
+            progress: bool | Callable[[int], object] = False,
             durable: bool = True) -> None:
     """Rewrite ``src`` as format ``to`` at ``dst`` (which may be ``src``), losslessly and atomically.
 
     ``to="1.0"`` decodes every blob (a 1.0 reader can then read the file); ``to="1.1"`` compresses
     at ``compression`` (default ``fast``) and packs small blobs (``pack``, default on). Every blob is
     verified against its checksum as it is read.
+
+    ``progress``: ``True`` draws a tqdm bar on stderr; a callable is the writer's callback, called with
+    each increment of tensor bytes written (they add up to the file's decoded tensor bytes).
     """
     if to not in TARGETS:
         raise ValueError(f"cannot migrate to format {to!r}; choose one of {', '.join(TARGETS)}")
@@ -96,16 +98,19 @@ def migrate(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, to: str
             raise ChecksumMismatchError(ckpt.path, f"cannot migrate a damaged file: {report.errors[0]}",
                                         region="blob")
         tt = ckpt.manifest.tensors
-        if progress:
+        callback = progress if callable(progress) else None
+        if progress is True:
             from tqdm import tqdm
 
-            bar = tqdm(total=int(tt.nbytes.sum()) if len(tt) else 0, unit="B", unit_scale=True, desc="migrate")
+            bar = tqdm(total=int(tt.nbytes.sum()) if len(tt) else 0, unit="B", unit_scale=True, desc="migrate",
+                       file=sys.stderr)
         try:
-            rows: list[tuple[Any, DType]] = [(_source(ckpt, i, bar), ckpt._dtype(i)) for i in range(len(tt))]
+            rows: list[tuple[Any, DType]] = [(_source(ckpt, i), ckpt._dtype(i)) for i in range(len(tt))]
             views = ckpt.manifest.views
             with atomic_write(os.fspath(dst), durable=durable) as fd:
                 writer = Writer11(fd, alignment=ckpt.header.alignment, checksum=tt.checksum is not None,
-                                  compression=level, pack=packed)
+                                  compression=level, pack=packed,
+                                  progress=callback if bar is None else bar.update)
                 try:
                     writer.write_blobs(rows)
                 except BaseException:

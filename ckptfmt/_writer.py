@@ -38,6 +38,8 @@ _BIG_ENDIAN_HOST = sys.byteorder == "big"
 
 #: Where the bytes go: a file descriptor, or a callable that writes all of a buffer.
 Sink = Union[int, Callable[[memoryview], object]]  # noqa: UP007 (a runtime alias: Python 3.10 has no `type`)
+#: Told how many more tensor bytes (decoded, as the rows' ``nbytes``) were written; see :class:`Writer`.
+ProgressCallback = Callable[[int], object]
 
 
 def write_all(fd: Sink, data: memoryview | list[memoryview]) -> None:
@@ -99,13 +101,20 @@ class Writer:
 
     Call sequence: 1. ``Writer(fd, ...)`` writes the header; 2. :meth:`write_blobs` (any number of
     times) with the tensors in table order; 3. :meth:`finish` writes the metadata and the footer.
+
+    ``progress``, when given, is called with each increment of tensor bytes written (a row's
+    ``nbytes`` in all, in pieces as a large row is written); the increments add up to the bytes of
+    the rows written, each stored blob counted once.
     """
 
     #: required feature bits the header announces (format 1.1 writers set them before __init__)
     required_features = 0
 
-    def __init__(self, fd: Sink, *, alignment: int, checksum: bool = True) -> None:
+    def __init__(self, fd: Sink, *, alignment: int, checksum: bool = True,
+                 progress: ProgressCallback | None = None) -> None:
         self._fd = fd
+        self._progress = progress
+        self._in_row = 0  # bytes of the current row already reported
         self._alignment = alignment
         self._checksum = checksum
         self._buf = bytearray(BUFFER_SIZE)  # zero except [0, _fill): padding is skipped over, not written
@@ -173,7 +182,7 @@ class Writer:
         mask = self._alignment - 1
         codes, code_col, ndim_col, shape_col = self._dtype_codes, self._code, self._ndim, self._shape
         offset_col, nbytes_col, sums = self._offset, self._nbytes, self._sums
-        mv, do_sum = self._mv, self._checksum
+        mv, do_sum, progress = self._mv, self._checksum, self._progress
         small = SMALL_BLOB if BUFFER_SIZE - SMALL_BLOB - mask > 0 else 0
         native = "<" if _BIG_ENDIAN_HOST else "="
         for arr, dtype in items:
@@ -210,6 +219,8 @@ class Writer:
             offset_col.append(off)
             nbytes_col.append(nb)
             sums.append(digest)
+            if progress is not None:
+                self._row_done(nb)
 
     def _write_data(self, arr: Source, nbytes: int) -> int:
         if not isinstance(arr, np.ndarray):  # a device array (its chunks arrive in pinned host memory) or staged
@@ -219,7 +230,7 @@ class Writer:
             return h.intdigest() if self._checksum else 0
         if not _needs_conversion(arr):
             raw = _as_bytes(arr)
-            if nbytes < SMALL_BLOB or not self._checksum:
+            if nbytes < SMALL_BLOB or not (self._checksum or self._progress):  # in pieces to report them
                 digest = checksum(raw) if self._checksum else 0
                 self._emit(raw.data)
                 return digest
@@ -247,6 +258,21 @@ class Writer:
             if do_sum:
                 h.update(piece)
             self._direct(piece)
+            if self._progress is not None:
+                self._advance(len(piece))
+
+    # -- progress
+    def _advance(self, n: int) -> None:
+        """Report ``n`` more bytes of the current row."""
+        if n > 0 and self._progress is not None:
+            self._in_row += n
+            self._progress(n)
+
+    def _row_done(self, nbytes: int) -> None:
+        """Report the rest of a row of ``nbytes`` bytes."""
+        rest, self._in_row = nbytes - self._in_row, 0
+        if rest > 0 and self._progress is not None:
+            self._progress(rest)
 
     # -- end
     def finish(self, tree: Any, *, producer: dict[str, Any], created: str, user: dict[str, Any],

@@ -19,7 +19,7 @@ from ._codec import _WORKERS, CHUNK_BYTES, KNOWN_CODECS, RAW, check_level, codec
 from ._dtypes import DType
 from ._manifest import TensorTable
 from ._versions import FEATURE_COMPRESSED, FEATURE_PACKED
-from ._writer import CHUNK_SIZE, Sink, Writer, _as_bytes, _needs_conversion, contiguous_chunks
+from ._writer import CHUNK_SIZE, ProgressCallback, Sink, Writer, _as_bytes, _needs_conversion, contiguous_chunks
 
 #: Blobs below ``PACK_BELOW`` bytes are placed at ``PACK_ALIGNMENT`` when packing (§14.1).
 PACK_ALIGNMENT = 64
@@ -53,7 +53,8 @@ class Writer11(Writer):
     """A :class:`Writer` whose rows may be compressed (``compression`` != ``"none"``) or packed (``pack``)."""
 
     def __init__(self, fd: Sink, *, alignment: int, checksum: bool = True, compression: str = "none",
-                 pack: bool = False, workers: int = _WORKERS, chunk_bytes: int = CHUNK_BYTES) -> None:
+                 pack: bool = False, workers: int = _WORKERS, chunk_bytes: int = CHUNK_BYTES,
+                 progress: ProgressCallback | None = None) -> None:
         self._level = check_level(compression)
         if self._level != "none":
             zstd()  # MissingDependencyError before the file is begun
@@ -67,7 +68,7 @@ class Writer11(Writer):
         self._stored: list[int] = []
         self._counts: list[int] = []
         self._pieces: list[int] = []
-        super().__init__(fd, alignment=alignment, checksum=checksum)
+        super().__init__(fd, alignment=alignment, checksum=checksum, progress=progress)
 
     def _place(self, nbytes: int) -> int:
         """Pad to where a blob of ``nbytes`` decoded bytes starts (§14.2) and return that offset."""
@@ -121,10 +122,13 @@ class Writer11(Writer):
                 if self._codec_col[-1] != self._codecs[RAW]:
                     self._pieces.append(len(mv))
                     count += 1
+            if self._progress is not None:  # one chunk of the row's decoded bytes is written
+                self._advance(min(self._chunk, self._nbytes[-1] - self._in_row))
         if h is not None:
             self._end_row(h, count)
 
     def _end_row(self, h: Any, count: int) -> None:
+        self._row_done(self._nbytes[-1])
         self._counts.append(count)
         self._sums.append(h.intdigest() if self._checksum and self._stored[-1] else EMPTY_CHECKSUM)
 

@@ -13,7 +13,7 @@ from .. import _api
 from ..errors import MissingDependencyError, NotACheckpointFileError, UnsupportedObjectError
 from ._detect import detect
 from ._errors import SameFileError
-from ._lazy import RAW, Progress, prepare
+from ._lazy import RAW, count
 
 __all__ = ["ConversionReport", "ProgressLike", "convert"]
 
@@ -22,7 +22,7 @@ class _TqdmLike(Protocol):
     def update(self, n: int) -> Any: ...
 
 
-#: a callable receiving the cumulative tensor bytes written, or a tqdm-like object (``update(n)``)
+#: a callable receiving each increment of tensor bytes written, or a tqdm-like object (``update(n)``)
 ProgressLike = Union[Callable[[int], Any], _TqdmLike]  # noqa: UP007 (a runtime alias on Python 3.10)
 
 
@@ -139,9 +139,10 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, allow_p
     tensors or plain values still cannot be stored: the save then fails with
     :class:`~ckptfmt.UnsupportedObjectError` naming their key path.
 
-    ``progress``: either a callable, called with the cumulative number of tensor bytes written so far,
-    or a tqdm-like object, whose ``update(n)`` gets the increments (and whose ``total`` is set to the
-    tensor bytes when it has none).
+    ``progress``: either a callable, called with each increment of tensor bytes written (the save's
+    writer callback, see :func:`ckptfmt.save`), or a tqdm-like object, whose ``update(n)`` gets the
+    increments (and whose ``total`` is set to the tensor bytes when it has none). The increments add
+    up to the report's ``bytes``: tensors that share stored bytes are counted when the save ends.
 
     ``metadata``: plain values merged into the file's user metadata, over the source's own (a
     safetensors ``__metadata__``, a sharded index's ``metadata``, a model directory's side files under
@@ -166,13 +167,32 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, allow_p
             source_meta = {**source_meta, SIDE_KEY: side}
     name = os.path.basename(os.path.normpath(os.path.abspath(src_s)))
     user = {**source_meta, "converted_from": {"format": fmt, "path": name}, **(metadata or {})}
-    tracker = Progress(progress) if progress is not None else None
-    ready = prepare(tree, tracker)
+    tensors, nbytes = count(tree)
+    sink = _sink(progress, nbytes)
+    done = 0
+
+    def report(n: int) -> None:
+        nonlocal done
+        done += n
+        sink(n)  # type: ignore[misc]  # only passed when there is a sink
+
+    _api.save(dst_s, tree, metadata=user, progress=None if sink is None else report)
     del tree
-    if tracker is not None:
-        tracker.start(ready.nbytes)
-    _api.save(dst_s, ready.tree, metadata=user)
-    if tracker is not None:
-        tracker.finish(ready.nbytes)
-    return ConversionReport(fmt, src_s, dst_s, ready.tensors, ready.nbytes, os.path.getsize(dst_s),
-                            time.perf_counter() - start)
+    if sink is not None and nbytes > done:
+        sink(nbytes - done)  # bytes shared by several tensors were stored once; they count as converted
+    return ConversionReport(fmt, src_s, dst_s, tensors, nbytes, os.path.getsize(dst_s), time.perf_counter() - start)
+
+
+def _sink(progress: ProgressLike | None, total: int) -> Callable[[int], Any] | None:
+    """Where increments go: the callable, or a tqdm-like object's ``update`` (its ``total`` set if it has none)."""
+    if progress is None:
+        return None
+    update = getattr(progress, "update", None)
+    if update is None:
+        return progress  # type: ignore[return-value]
+    if hasattr(progress, "total") and not progress.total:
+        progress.total = total
+        refresh = getattr(progress, "refresh", None)
+        if callable(refresh):
+            refresh()
+    return update

@@ -2,27 +2,26 @@
 
 The sources subclass the core :class:`ckptfmt.LazyArray` (a ``DeviceSource`` that knows its
 canonical dtype), which the core's one lazy backend saves like any other leaf. :class:`FileArray`
-reads a byte range of a file (safetensors, .npy, stored .npz members). :func:`prepare` counts a
-tree's arrays and, when progress is asked for, wraps each so that the bytes the writer consumes
-are reported.
+reads a byte range of a file (safetensors, .npy, stored .npz members). :func:`count` counts a
+tree's distinct arrays; progress comes from the writer's ``progress`` callback (``ckptfmt.save``).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Hashable, Iterator
+from collections.abc import Hashable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from .._backend import ArrayBackend, Source, backend_for, get_backend, register_backend
+from .._backend import Source, backend_for, get_backend, register_backend
 from .._dtypes import DType
 from .._lazy import LazyArray
 from .._writer import contiguous_chunks
 from ._errors import CorruptSourceError
 
-__all__ = ["RAW", "FileArray", "LazyArray", "Progress", "RawArray", "prepare"]
+__all__ = ["RAW", "FileArray", "LazyArray", "RawArray", "count"]
 
 
 def slices(raw: np.ndarray, limit: int) -> Iterator[np.ndarray]:
@@ -98,64 +97,6 @@ class FileArray(LazyArray):
             del arr
 
 
-# ----------------------------------------------------------------- progress
-
-
-class Progress:
-    """Counts bytes handed to the writer and reports them.
-
-    ``sink`` is a callable receiving the cumulative byte count, or a tqdm-like object receiving
-    increments through ``update(n)``.
-    """
-
-    def __init__(self, sink: Any) -> None:
-        self.done = 0
-        self._update: Callable[[int], Any] | None = getattr(sink, "update", None)
-        self._call: Callable[[int], Any] | None = None if self._update is not None else sink
-        self._sink = sink
-
-    def start(self, total: int) -> None:
-        """Give a tqdm-like sink its total, if it has none yet."""
-        if self._update is not None and hasattr(self._sink, "total") and not self._sink.total:
-            self._sink.total = total
-            refresh = getattr(self._sink, "refresh", None)
-            if callable(refresh):
-                refresh()
-
-    def add(self, n: int) -> None:
-        """``n`` more bytes were written."""
-        if n <= 0:
-            return
-        self.done += n
-        if self._update is not None:
-            self._update(n)
-        elif self._call is not None:
-            self._call(self.done)
-
-    def finish(self, total: int) -> None:
-        """Bring the report up to ``total`` (bytes stored once for several tensors count as written)."""
-        self.add(total - self.done)
-
-
-class _ProgressSource:
-    """A source that reports each chunk once the writer has taken it."""
-
-    def __init__(self, inner: Source, progress: Progress) -> None:
-        self._inner = inner
-        self._progress = progress
-        self.shape = tuple(inner.shape)
-        self.ndim = inner.ndim
-        self.itemsize = inner.itemsize
-        self.nbytes = inner.nbytes
-
-    def chunks(self, limit: int) -> Iterator[np.ndarray]:
-        inner = self._inner
-        it = contiguous_chunks(inner, limit) if isinstance(inner, np.ndarray) else inner.chunks(limit)
-        for c in it:
-            yield c
-            self._progress.add(c.nbytes)
-
-
 @dataclass(eq=False)
 class RawArray:
     """A tensor read from a ckptfmt file: its numpy array, of any dtype spelling, and its canonical dtype.
@@ -214,54 +155,30 @@ RAW = RawBackend()
 NUMPY = get_backend("numpy")
 
 
-@dataclass(eq=False)
-class _Tracked:
-    """A leaf of the user's tree wrapped so that its bytes are reported as they are written."""
-
-    inner: Any
-    backend: ArrayBackend
-    progress: Progress
-    source: Source | None = None
-
-
-def _is_swapped(src: Any) -> bool:
-    return isinstance(src, np.ndarray) and src.dtype.itemsize > 1 and src.dtype.byteorder == ">"
-
-
 class ConvertBackend:
-    """Claims raw and progress-tracked leaves; the write side only (never used to load)."""
+    """Claims raw arrays on the write side (loading with ``backend=RAW`` goes through :class:`RawBackend`)."""
 
     name = "convert-lazy"
 
     def is_array(self, obj: Any) -> bool:
-        """Raw arrays and tracked leaves (lazy arrays are the core lazy backend's)."""
-        return isinstance(obj, (RawArray, _Tracked))
+        """Raw arrays only (lazy arrays are the core lazy backend's)."""
+        return isinstance(obj, RawArray)
 
     def host_view(self, obj: Any) -> tuple[Source, DType, bool]:
-        """A raw array's own bytes; a tracked leaf's source is its backend's, wrapped."""
-        if isinstance(obj, RawArray):
-            return RAW.host_view(obj)
-        src, dtype, scalar = obj.backend.host_view(obj.inner)
-        obj.source = src
-        return _ProgressSource(src, obj.progress), dtype, scalar
+        """A raw array's own bytes."""
+        return RAW.host_view(obj)
 
     def alias_key(self, obj: Any) -> Hashable | None:
-        """Tracked leaves share what their inner arrays share."""
-        if isinstance(obj, RawArray):
-            return RAW.alias_key(obj)
-        return None if _is_swapped(obj.source) else obj.backend.alias_key(obj.inner)
+        """As numpy."""
+        return RAW.alias_key(obj)
 
     def alias_info(self, obj: Any) -> tuple[int, tuple[int, ...]]:
-        """The inner array's address and byte strides."""
-        if isinstance(obj, RawArray):
-            return RAW.alias_info(obj)
-        return obj.backend.alias_info(obj.inner)
+        """As numpy."""
+        return RAW.alias_info(obj)
 
     def storage_bytes(self, obj: Any, address: int, nbytes: int) -> Source:
-        """The inner allocation's bytes, reported as they are written."""
-        if isinstance(obj, RawArray):
-            return RAW.storage_bytes(obj, address, nbytes)
-        return _ProgressSource(obj.backend.storage_bytes(obj.inner, address, nbytes), obj.progress)
+        """As numpy."""
+        return RAW.storage_bytes(obj, address, nbytes)
 
     def from_host(self, array: np.ndarray, dtype: DType, *, scalar: bool, device: str | None) -> Any:
         """Not a loading backend."""
@@ -281,56 +198,29 @@ _PLAIN = (str, int, float, bool, bytes, type(None))
 _MAX_WALK = 256
 
 
-@dataclass
-class Prepared:
-    """A tree ready to save, with the number and bytes of its distinct arrays."""
+def count(tree: Any) -> tuple[int, int]:
+    """(number, bytes) of the distinct arrays of ``tree``: an array object that appears twice counts once."""
+    seen: set[int] = set()
+    keep: list[Any] = []  # keeps each counted object alive, so that its id is not reused during the walk
+    total = [0, 0]
 
-    tree: Any
-    tensors: int
-    nbytes: int
-
-
-def prepare(tree: Any, progress: Progress | None) -> Prepared:
-    """Count the distinct arrays of ``tree``; with ``progress``, return a copy whose arrays report it.
-
-    An array object that appears twice is counted, and wrapped, once, so that it is still stored once.
-    """
-    seen: dict[int, Any] = {}
-    count = [0, 0]
-
-    def leaf(obj: Any) -> Any:
-        hit = seen.get(id(obj))
-        if hit is not None:
-            return hit[1]
-        be = backend_for(obj)
-        if be is None:
-            return None
-        count[0] += 1
-        count[1] += int(getattr(obj, "nbytes", 0))
-        out = obj if progress is None else _Tracked(obj, be, progress)
-        seen[id(obj)] = (obj, out)  # keeps obj alive, so that its id is not reused during the walk
-        return out
-
-    def walk(obj: Any, depth: int) -> Any:
+    def walk(obj: Any, depth: int) -> None:
         t = type(obj)
         if t in _PLAIN or depth > _MAX_WALK:
-            return obj
-        if t is dict or t is list or t is tuple:
-            found = None
-        else:
-            found = leaf(obj)
-            if found is not None:
-                return found
+            return
+        if t is not dict and t is not list and t is not tuple and backend_for(obj) is not None:
+            if id(obj) not in seen:
+                seen.add(id(obj))
+                keep.append(obj)
+                total[0] += 1
+                total[1] += int(getattr(obj, "nbytes", 0))
+            return
         if isinstance(obj, dict):
-            items = [(k, walk(v, depth + 1)) for k, v in obj.items()]
-            return obj if progress is None else dict(items)
-        if isinstance(obj, list):
-            seq = [walk(v, depth + 1) for v in obj]
-            return obj if progress is None else seq
-        if isinstance(obj, tuple) and not hasattr(obj, "_fields"):
-            seq = [walk(v, depth + 1) for v in obj]
-            return obj if progress is None else tuple(seq)
-        return obj  # not something ckptfmt stores: the save names it
+            for v in obj.values():
+                walk(v, depth + 1)
+        elif isinstance(obj, list) or (isinstance(obj, tuple) and not hasattr(obj, "_fields")):
+            for v in obj:
+                walk(v, depth + 1)
 
-    out = walk(tree, 0)
-    return Prepared(out, count[0], count[1])
+    walk(tree, 0)
+    return total[0], total[1]

@@ -168,7 +168,7 @@ def test_torch_progress_and_metadata(tmp_path: Path) -> None:
     torch.save(state, tmp_path / "m.pth")
     calls: list[int] = []
     report = convert(tmp_path / "m.pth", tmp_path / "a.ckpt", progress=calls.append, metadata={"run": "x", "n": 1})
-    assert calls == sorted(calls) and calls[-1] == report.bytes
+    assert all(n > 0 for n in calls) and sum(calls) == report.bytes  # increments
     assert report.bytes == emb.nbytes + 12 + emb[:10].nbytes
     bar = Bar()
     convert(tmp_path / "m.pth", tmp_path / "b.ckpt", progress=bar)

@@ -128,4 +128,4 @@ def test_progress_is_reported(tmp_path: Path) -> None:
     write(src, {"a": (np.ones((8, 64), np.float32), None), "b": (np.ones(32, np.float16), None)}, kv=False)
     seen: list[int] = []
     report = convert(src, tmp_path / "p.ckpt", progress=seen.append)
-    assert seen and seen[-1] == report.bytes == 8 * 64 * 4 + 32 * 2 and seen == sorted(seen)
+    assert seen and all(n > 0 for n in seen) and sum(seen) == report.bytes == 8 * 64 * 4 + 32 * 2

@@ -203,7 +203,7 @@ def test_progress_is_reported(tmp_path: Path) -> None:
     d = _sharded(tmp_path)
     seen: list[int] = []
     report = convert(d, tmp_path / "m.ckpt", progress=seen.append)
-    assert seen and seen[-1] == report.bytes == 2 * 64 * 4 and seen == sorted(seen)
+    assert seen and all(n > 0 for n in seen) and sum(seen) == report.bytes == 2 * 64 * 4
 
 
 def test_a_hub_cache_snapshot_links_into_its_blobs(tmp_path: Path) -> None:
