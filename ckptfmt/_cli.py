@@ -338,6 +338,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_cmd_ls)
     s = sub.add_parser("demo", help="run the end-to-end tour on an embedded default state")
     s.add_argument("--dir", help="keep the demo's files in this directory instead of a temporary one")
+    s.add_argument("--seed", type=int, help="replay the kill moment of an earlier demo (default: "
+                                            "$CKPTFMT_DEMO_SEED, else random from the OS; printed)")
     s.set_defaults(func=_cmd_demo)
     return p
 
@@ -419,7 +421,7 @@ def _cmd_ls(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from ._demo import run
 
-    return run(args.dir, cli=main)
+    return run(args.dir, cli=main, seed=args.seed)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,6 +1,9 @@
 """``ckptfmt demo``: an end-to-end tour on an embedded default state, in a temporary directory.
 
-Save, inspect, verify, partial load, resume (load and compare bit for bit), and corruption detection.
+Save, inspect, verify, partial load, resume (load and compare bit for bit), corruption detection,
+and a training run SIGKILLed at a random moment (sometimes inside a checkpoint save), resumed from
+its latest good checkpoint. The moment is drawn from a seed that is printed; ``--seed`` or
+``CKPTFMT_DEMO_SEED`` replays it.
 """
 
 from __future__ import annotations
@@ -8,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -53,10 +57,35 @@ def _same(a: object, b: object) -> bool:
     return type(a) is type(b) and a == b
 
 
-def run(directory: str | None = None, *, cli: Callable[[list[str]], int]) -> int:
+#: replays a demo's kill moment when set (as ``ckptfmt demo --seed``)
+SEED_ENV = "CKPTFMT_DEMO_SEED"
+
+
+def kill_seed(seed: int | None = None) -> int:
+    """``seed``, else ``CKPTFMT_DEMO_SEED``, else 32 fresh bits from the OS."""
+    if seed is not None:
+        return int(seed)
+    env = os.environ.get(SEED_ENV)
+    return int(env) if env else int.from_bytes(os.urandom(4), "little")
+
+
+def kill_plan(seed: int, steps: int, every: int) -> tuple[int, float | None]:
+    """Where the seeded crash lands: (step, None) mid-step, or (step, fraction) inside that step's save.
+
+    Half the seeds land in a checkpoint save (a step that saves, at a fraction of its tensor bytes),
+    half in the middle of a training step.
+    """
+    rng = random.Random(seed)
+    if rng.random() < 0.5:
+        return rng.choice(range(every, steps, every)), round(rng.uniform(0.0, 0.95), 3)
+    return rng.randint(2, steps - 1), None
+
+
+def run(directory: str | None = None, *, cli: Callable[[list[str]], int], seed: int | None = None) -> int:
     """Run the tour; return 0 when every step behaved as it should.
 
     ``cli`` is the command-line entry point the tour drives (passed in: the CLI imports this module).
+    ``seed`` picks the moment the training run is killed (default: :func:`kill_seed`).
     """
     workdir = directory or tempfile.mkdtemp(prefix="ckptfmt-demo-")
     path = os.path.join(workdir, "step100.ckpt")
@@ -104,7 +133,7 @@ def run(directory: str | None = None, *, cli: Callable[[list[str]], int]) -> int
         _api.save(os.path.join(workdir, "step101.ckpt"), later)
         cli(["diff", path, os.path.join(workdir, "step101.ckpt")])
         if importlib.util.find_spec("torch") is not None:
-            ok &= _training_demo(os.path.join(workdir, "training"), cli)
+            ok &= _training_demo(os.path.join(workdir, "training"), cli, seed=kill_seed(seed))
         else:
             print("== training resume demo skipped: torch is not installed (pip install 'ckptfmt[torch]')")
     finally:
@@ -114,35 +143,56 @@ def run(directory: str | None = None, *, cli: Callable[[list[str]], int]) -> int
     return 0 if ok else 1
 
 
-def _train(args: list[str]) -> tuple[int, dict[str, Any]]:
-    """Run the example trainer in a new process; return its exit status and the JSON it printed."""
+def _train(args: list[str], cwd: str) -> tuple[int, dict[str, Any]]:
+    """Run the example trainer in a new process (in ``cwd``); return its exit status and the JSON it printed."""
+    os.makedirs(cwd, exist_ok=True)
     done = subprocess.run([sys.executable, "-m", "ckptfmt.torch.example", *args], capture_output=True, text=True,
-                          check=False)
+                          check=False, cwd=cwd)
     lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
     if done.returncode not in (0, -9) or (done.returncode == 0 and not lines):
         print(done.stderr[-2000:], file=sys.stderr)
     return done.returncode, json.loads(lines[-1]) if lines else {}
 
 
-def _training_demo(workdir: str, cli: Callable[[list[str]], int], steps: int = 24, stop_at: int = 10) -> bool:
-    """Train a tiny transformer straight through, and again killed at ``stop_at`` and resumed: same losses?"""
-    straight, broken = os.path.join(workdir, "straight"), os.path.join(workdir, "resumed")
-    print(f"== training: a tiny transformer LM (bf16 autocast, AdamW, warm-up, dropout, shuffled data), {steps} steps")
-    _, full = _train(["--dir", straight, "--steps", str(steps)])
-    print(f"== training again, killed with SIGKILL right after the checkpoint of step {stop_at} ...")
-    code, _ = _train(["--dir", broken, "--steps", str(steps), "--stop-at", str(stop_at), "--kill"])
+def _training_demo(workdir: str, cli: Callable[[list[str]], int], *, seed: int, steps: int = 24, every: int = 4,
+                   straight: dict[str, Any] | None = None) -> bool:
+    """Train a tiny transformer straight through, and again SIGKILLed at a seeded random moment and resumed.
+
+    Passes when the resumed run's losses and final parameters equal the straight run's bit for bit
+    from the resume point on. ``straight``: that run's result, when already known (tests reuse it).
+    """
+    step, fraction = kill_plan(seed, steps, every)
+    workdir = os.path.abspath(workdir)
+    broken = os.path.join(workdir, "resumed")
+    print(f"== training: a tiny transformer LM (bf16 autocast, AdamW, warm-up, dropout, shuffled data), {steps} steps,"
+          f" a checkpoint every {every}")
+    full = straight if straight is not None else _train(["--dir", os.path.join(workdir, "straight"),
+                                                           "--steps", str(steps), "--every", str(every)], workdir)[1]
+    where = f"during the checkpoint save of step {step}, {fraction:.0%} of the way through its tensor bytes" \
+        if fraction is not None else f"in the middle of step {step}, before its checkpoint"
+    print(f"== training again, killed with SIGKILL {where}")
+    print(f"   (kill seed {seed}: replay with `ckptfmt demo --seed {seed}` or {SEED_ENV}={seed})")
+    args = ["--dir", broken, "--steps", str(steps), "--every", str(every), "--kill-at", str(step)]
+    code, _ = _train(args + (["--kill-in-save", str(fraction)] if fraction is not None else []), workdir)
     print(f"   process ended with {'SIGKILL' if code == -9 else f'status {code}'}")
-    print("== ... and resumed in a new process from the latest checkpoint")
-    _, rest = _train(["--dir", broken, "--steps", str(steps)])
+    killed = code == -9
+    left = sorted(n for n in os.listdir(broken) if "ckptfmt-tmp" in n)
+    for name in left:
+        print(f"   left behind by the killed save: {name} ({os.path.getsize(os.path.join(broken, name))} bytes)")
+    print("== ... and resumed in a new process from the latest good checkpoint")
+    _, rest = _train(["--dir", broken, "--steps", str(steps), "--every", str(every)], workdir)
     if not full or not rest:
         print("   training failed")
         return False
+    first = int(rest["first"])
+    print(f"   resumed at step {first}" + (" (no checkpoint had been completed: a fresh start)" if first == 1 else
+                                          f" from the checkpoint of step {first - 1}"))
     print(f"   {'step':>4}  {'straight':>12}  {'resumed':>12}")
-    same = True
-    for step in range(int(rest["first"]), steps + 1):
-        a, b = full["losses"][str(step)], rest["losses"][str(step)]
+    same = killed and first <= step  # the killed step's work, and its interrupted save, were lost
+    for s in range(first, steps + 1):
+        a, b = full["losses"][str(s)], rest["losses"][str(s)]
         same &= a == b
-        print(f"   {step:>4}  {a:>12.8f}  {b:>12.8f}  {'==' if a == b else '!='}")
+        print(f"   {s:>4}  {a:>12.8f}  {b:>12.8f}  {'==' if a == b else '!='}")
     same &= full["params"] == rest["params"]
     print(f"   losses and final parameters {'match bit for bit' if same else 'DIFFER'} "
           f"(parameter digest {rest['params']})")

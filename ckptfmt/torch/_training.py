@@ -126,14 +126,14 @@ def save_checkpoint(path: str | os.PathLike[str], model: torch.nn.Module | dict[
                     scheduler: Any = None, scaler: Any = None, epoch: int | None = None, step: int | None = None,
                     loss: float | None = None, config: Any = None, vocab: Any = None, rng: bool = True,
                     extra: Any = None, metadata: dict[str, Any] | None = None, durable: bool = True,
-                    background: bool = False, staging: Any = None) -> Any:
+                    background: bool = False, staging: Any = None, progress: Any = None) -> Any:
     """Write one atomic ``.ckpt`` file holding the whole training state.
 
     ``model`` may also be a state dict. ``optimizer``, ``scheduler`` and ``scaler`` are anything
     with ``state_dict()`` (torch optimizers, LR schedulers, ``torch.amp.GradScaler``,
     :class:`ckptfmt.torch.amp.MasterWeightOptimizer`, a resumable sampler). ``config``, ``vocab``
-    and ``extra`` hold plain data (dicts, lists, str, numbers) and tensors. ``background``/``staging``:
-    as :func:`ckptfmt.save` (then a :class:`ckptfmt.SaveHandle` is returned).
+    and ``extra`` hold plain data (dicts, lists, str, numbers) and tensors. ``background``/``staging``/
+    ``progress``: as :func:`ckptfmt.save` (with ``background`` a :class:`ckptfmt.SaveHandle` is returned).
     """
     if isinstance(loss, torch.Tensor):
         loss = float(loss.detach())
@@ -155,7 +155,8 @@ def save_checkpoint(path: str | os.PathLike[str], model: torch.nn.Module | dict[
         "extra": extra,
     }
     summary = {"kind": KIND, "epoch": epoch, "step": step, "loss": loss, **(metadata or {})}
-    return _api.save(path, tree, metadata=summary, durable=durable, background=background, staging=staging)
+    return _api.save(path, tree, metadata=summary, durable=durable, background=background, staging=staging,
+                     progress=progress)
 
 
 def load_checkpoint(path: str | os.PathLike[str], *, map_location: str = "cpu", verify: bool = True,

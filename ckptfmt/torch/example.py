@@ -7,6 +7,11 @@ shuffled data — goes into the checkpoint, so a run stopped at any step and res
 produces the very same losses and parameters, bit for bit.
 
     python -m ckptfmt.torch.example --dir runs/demo --steps 30 [--stop-at 12] [--precision bf16]
+    python -m ckptfmt.torch.example --dir runs/demo --steps 24 --kill-at 12 [--kill-in-save 0.4]
+
+``--kill-at`` simulates a crash: SIGKILL in the middle of a step, or, with ``--kill-in-save``, in the
+middle of that step's checkpoint save once the given fraction of its tensor bytes is written (through
+the writer's ``progress`` callback), leaving a half-written temporary file as a real crash would.
 """
 
 from __future__ import annotations
@@ -173,13 +178,54 @@ class Trainer:
         return float(loss.detach())
 
 
+def _die() -> None:
+    """SIGKILL this process: no cleanup, no flush of anything but what was printed."""
+    sys.stdout.flush()
+    os.kill(os.getpid(), 9)
+
+
+def _tensor_bytes(obj: Any, seen: set[int]) -> int:
+    """Bytes of the distinct tensor storages in ``obj`` (nested dicts and lists): at most what a save writes."""
+    if isinstance(obj, torch.Tensor):
+        ptr = obj.untyped_storage().data_ptr()
+        if ptr in seen:
+            return 0
+        seen.add(ptr)
+        return obj.nbytes
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v, seen) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v, seen) for v in obj)
+    return 0
+
+
+def _killer(fraction: float, trainer: Trainer) -> Any:
+    """A save ``progress`` callback that SIGKILLs the process once ``fraction`` of the tensor bytes are written."""
+    seen: set[int] = set()
+    total = _tensor_bytes([trainer.model.state_dict(), trainer.optimizer.state_dict()], seen)
+    at = int(fraction * total)  # an underestimate of the save's bytes: the kill always lands inside it
+    done = 0
+
+    def progress(n: int) -> None:
+        nonlocal done
+        done += n
+        if done >= at:
+            _die()
+
+    return progress
+
+
 def run(directory: str, steps: int, *, cfg: Config | None = None, stop_at: int | None = None,
-        every: int = 4, kill: bool = False) -> dict[str, Any]:
+        every: int = 4, kill: bool = False, kill_at: int | None = None,
+        kill_in_save: float | None = None) -> dict[str, Any]:
     """Train to ``steps`` (resuming from ``directory``'s latest checkpoint if there is one).
 
     Checkpoints every ``every`` steps and at ``stop_at``. With ``kill``, the process kills itself
-    (SIGKILL: no cleanup, no flush) right after the checkpoint at ``stop_at``. Returns the losses of
-    the steps this call ran and a digest of the final parameters.
+    (SIGKILL: no cleanup, no flush) right after the checkpoint at ``stop_at``. With ``kill_at``, it
+    kills itself during step ``kill_at``, after its optimisation step and before its checkpoint; with
+    ``kill_in_save`` (a fraction in [0, 1)) as well, during that step's checkpoint save instead, once
+    that fraction of the tensor bytes is written. Returns the losses of the steps this call ran and a
+    digest of the final parameters.
     """
     torch.use_deterministic_algorithms(True)
     manager = CheckpointManager(directory, keep_last=2, keep_every=None)
@@ -202,14 +248,17 @@ def run(directory: str, steps: int, *, cfg: Config | None = None, stop_at: int |
     for step in range(first, steps + 1):
         x, y = next(batches)
         losses[step] = trainer.train_step(x, y)
-        if step % every == 0 or step in (stop_at, steps):
+        crash = step == kill_at
+        if crash and kill_in_save is None:
+            _die()
+        if step % every == 0 or step in (stop_at, steps) or crash:
             manager.save(step, trainer.model, trainer.optimizer, scheduler=trainer.scheduler, scaler=trainer.scaler,
                          epoch=trainer.sampler.epoch, loss=losses[step], config=asdict(cfg),
-                         vocab=[f"tok{i}" for i in range(cfg.vocab)], extra={"sampler": trainer.sampler.state_dict()})
+                         vocab=[f"tok{i}" for i in range(cfg.vocab)], extra={"sampler": trainer.sampler.state_dict()},
+                         progress=_killer(kill_in_save, trainer) if crash and kill_in_save is not None else None)
         if step == stop_at:
             if kill:
-                sys.stdout.flush()
-                os.kill(os.getpid(), 9)
+                _die()
             break
     return {"losses": losses, "params": param_digest(trainer.model), "first": first}
 
@@ -232,12 +281,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--stop-at", type=int)
     ap.add_argument("--kill", action="store_true", help="SIGKILL this process right after the --stop-at checkpoint")
+    ap.add_argument("--kill-at", type=int, metavar="STEP", help="SIGKILL this process during step STEP")
+    ap.add_argument("--kill-in-save", type=float, metavar="FRACTION",
+                    help="with --kill-at: during that step's checkpoint save, once FRACTION of its tensor bytes "
+                         "are written")
     ap.add_argument("--every", type=int, default=4)
     ap.add_argument("--precision", default="bf16", choices=["fp32", "bf16", "fp16-master"])
     args = ap.parse_args(argv)
+    if args.kill_in_save is not None and (args.kill_at is None or not 0 <= args.kill_in_save < 1):
+        ap.error("--kill-in-save needs --kill-at and a fraction in [0, 1)")
     torch.set_num_threads(1)
     out = run(args.dir, args.steps, cfg=Config(precision=args.precision), stop_at=args.stop_at, every=args.every,
-              kill=args.kill)
+              kill=args.kill, kill_at=args.kill_at, kill_in_save=args.kill_in_save)
     print(json.dumps({"losses": {str(k): v for k, v in out["losses"].items()}, "params": out["params"],
                       "first": out["first"]}))
     return 0 if all(math.isfinite(v) for v in out["losses"].values()) else 1
