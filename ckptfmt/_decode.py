@@ -1,15 +1,22 @@
-"""Reading compressed rows (format 1.1, spec §13.4): check the stored bytes, then decode chunk by chunk."""
+"""Reading compressed rows (format 1.1, spec §13.4): check the stored bytes, then decode chunk by chunk.
+
+The reader hands these functions the file's memory map (``mm``); everything else comes through
+:class:`Checkpoint`'s public methods. Whole reads check the stored bytes against the row's checksum
+first.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ._checksum import checksum
-from ._codec import _WORKERS, KNOWN_CODECS, StoredRow, decode_chunk, ordered, planes, zstd
+from ._codec import _WORKERS, KNOWN_CODECS, StoredRow, decode_chunk, decode_into, ordered, planes, zstd
 from ._dtypes import numpy_dtype
-from .errors import UnsupportedCodecError
+from .errors import ChecksumMismatchError, UnsupportedCodecError
 
 if TYPE_CHECKING:
     from ._reader import Checkpoint
@@ -20,33 +27,46 @@ def stored_row(ckpt: Checkpoint, row: int) -> StoredRow:
     tt = ckpt.manifest.tensors
     assert tt.piece_bytes is not None and tt.piece_start is not None and tt.piece_count is not None
     start, count = int(tt.piece_start[row]), int(tt.piece_count[row])
-    return StoredRow(tt.codec_of(row), ckpt._dtype(row).itemsize, int(tt.nbytes[row]), int(tt.offset[row]),
+    return StoredRow(tt.codec_of(row), ckpt.row_dtype(row).itemsize, int(tt.nbytes[row]), int(tt.offset[row]),
                      tuple(tt.piece_bytes[start : start + count].tolist()), tt.chunk_bytes)
 
 
-def read_compressed(ckpt: Checkpoint, rows: list[int], *, verify: bool = True, workers: int = _WORKERS
+def _usable(ckpt: Checkpoint, row: int) -> StoredRow:
+    """Row ``row``'s pieces, once its codec is known to be one this reader decodes (and zstandard is there)."""
+    info = stored_row(ckpt, row)
+    if info.codec not in KNOWN_CODECS:
+        raise UnsupportedCodecError(f"{ckpt.path}: tensor {ckpt.row_key(row)!r} uses codec {info.codec!r}, "
+                                    "unknown to this reader; upgrade ckptfmt")
+    zstd()  # MissingDependencyError before any work, naming the extra
+    return info
+
+
+def _check(ckpt: Checkpoint, view: memoryview, row: int, info: StoredRow) -> None:
+    """Raise :class:`ChecksumMismatchError` unless row ``row``'s stored bytes match its checksum."""
+    tt = ckpt.manifest.tensors
+    stored = int(tt.stored_sizes()[row])
+    if tt.checksum is not None and checksum(view[info.offset : info.offset + stored]) != int(tt.checksum[row]):
+        key = ckpt.row_key(row)
+        raise ChecksumMismatchError(ckpt.path, f"tensor {key!r}: checksum mismatch (its bytes are corrupted)",
+                                    region="blob", key=key)
+
+
+def read_compressed(ckpt: Checkpoint, mm: Any, rows: list[int], *, verify: bool = True, workers: int = _WORKERS
                     ) -> dict[int, np.ndarray]:
     """Decode compressed ``rows`` into fresh writable arrays, all their chunks on ``workers`` threads.
 
     With ``verify``, each row's stored bytes are checked against its checksum before any is decoded.
     """
     tt = ckpt.manifest.tensors
-    mm = ckpt._map()
     view = memoryview(mm)
     out: dict[int, np.ndarray] = {}
     jobs: list[tuple[StoredRow, int, int, np.ndarray, int]] = []
     try:
         for i in rows:
-            info = stored_row(ckpt, i)
-            if info.codec not in KNOWN_CODECS:
-                raise UnsupportedCodecError(f"{ckpt.path}: tensor {ckpt._key_of(i)!r} uses codec {info.codec!r}, "
-                                            "unknown to this reader; upgrade ckptfmt")
-            zstd()  # MissingDependencyError before any work, naming the extra
-            stored = int(tt.stored_sizes()[i])
-            if verify and tt.checksum is not None and \
-                    checksum(view[info.offset : info.offset + stored]) != int(tt.checksum[i]):
-                raise ckpt._mismatch(i)
-            arr = np.empty(tt.shape(i), dtype=numpy_dtype(ckpt._dtype(i)))
+            info = _usable(ckpt, i)
+            if verify:
+                _check(ckpt, view, i, info)
+            arr = np.empty(tt.shape(i), dtype=numpy_dtype(ckpt.row_dtype(i)))
             out[i] = arr
             dest = arr.reshape(-1).view(np.uint8)
             k = planes(info.codec, info.itemsize)
@@ -62,7 +82,7 @@ def read_compressed(ckpt: Checkpoint, rows: list[int], *, verify: bool = True, w
             n = sum(info.pieces[c * k : (c + 1) * k])
             lo = c * info.chunk_bytes
             decode_chunk(info, c, view[pos : pos + n], c * k, dest[lo : lo + info.chunk_bytes],
-                         lambda: f"{ckpt.path}: tensor {ckpt._key_of(i)!r}, chunk {c}")
+                         lambda: f"{ckpt.path}: tensor {ckpt.row_key(i)!r}, chunk {c}")
 
         tasks: Any = ((None, (lambda j=j: job(j)), None) for j in jobs)
         for _ in ordered(tasks, min(workers, max(1, len(jobs)))):
@@ -71,3 +91,31 @@ def read_compressed(ckpt: Checkpoint, rows: list[int], *, verify: bool = True, w
         jobs.clear()
         view.release()
     return out
+
+
+def iter_decoded(ckpt: Checkpoint, mm: Any, row: int, size: int, slots: list[memoryview] | None, *,
+                 verify: bool) -> Iterator[memoryview]:
+    """Row ``row``'s decoded bytes in pieces of ``size`` (into ``slots`` in turn, else fresh buffers).
+
+    With ``verify`` the stored bytes are checked first (one pass over the compressed bytes); memory
+    stays bounded by ``size`` plus the chunks in flight, whatever the row's size.
+    """
+    info = _usable(ckpt, row)
+    view = memoryview(mm)
+    try:
+        if verify:
+            _check(ckpt, view, row, info)
+        where = partial(_where, ckpt, row)
+        for k, a in enumerate(range(0, info.nbytes, size)):
+            n = min(size, info.nbytes - a)
+            dest = slots[k % len(slots)][:n] if slots is not None else memoryview(bytearray(n))
+            decode_into(info, lambda o, m: view[o : o + m], np.frombuffer(dest, np.uint8), where,
+                        start=a, stop=a + n)
+            yield dest
+    finally:
+        view.release()
+
+
+def _where(ckpt: Checkpoint, row: int) -> str:
+    return f"{ckpt.path}: tensor {ckpt.row_key(row)!r}"
+

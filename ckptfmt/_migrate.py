@@ -2,7 +2,7 @@
 
 Only the blob encoding and the header change: the tree, the view table, the user metadata, the
 producer and the creation time are carried over verbatim, so every value loads bit for bit as
-before. Blobs stream through a writer chunk by chunk (raw ones from the memory map, compressed ones
+before. Blobs stream through a writer chunk by chunk (``Checkpoint.lazy``: raw ones read, compressed ones
 decoded one chunk at a time), so memory stays bounded whatever the file's size, and the new file
 replaces ``dst`` atomically.
 """
@@ -18,10 +18,7 @@ import msgpack
 
 from ._atomic import atomic_write
 from ._codec import check_level
-from ._decode import stored_row
 from ._dtypes import DType
-from ._fileio import pread_exact
-from ._lazy import LazyArray
 from ._manifest import _KNOWN_SECTIONS
 from ._reader import Checkpoint
 from ._writer11 import Writer11
@@ -33,36 +30,7 @@ TARGETS = ("1.0", "1.1")
 
 def _tree_bytes(ckpt: Checkpoint) -> Any:
     """The encoded tree as stored (ext types untouched), to write back verbatim."""
-    footer = ckpt.footer
-    with ckpt._check_open().held() as fd:
-        meta = pread_exact(fd, footer.metadata_length, footer.metadata_offset)
-    return msgpack.unpackb(meta, raw=False, strict_map_key=False)["tree"]
-
-
-def _source(ckpt: Checkpoint, row: int) -> LazyArray:
-    """Row ``row``'s decoded bytes as a streamed array."""
-    tt = ckpt.manifest.tensors
-    dtype = ckpt._dtype(row)
-    shape = tt.shape(row)
-    off = int(tt.offset[row])
-    view = memoryview(ckpt._map())
-    if tt.codec_of(row) == "raw":
-        def read(start: int, n: int) -> Any:
-            return view[off + start : off + start + n]
-    else:
-        import numpy as np
-
-        from ._codec import decode_into
-
-        info = stored_row(ckpt, row)
-        key = ckpt._key_of(row)
-
-        def read(start: int, n: int) -> Any:
-            out = np.empty(n, np.uint8)
-            decode_into(info, lambda o, k: view[o : o + k], out, lambda: f"{ckpt.path}: tensor {key!r}",
-                        start=start, stop=start + n)
-            return out
-    return LazyArray.from_read(shape, dtype, read)
+    return msgpack.unpackb(ckpt.metadata_bytes(), raw=False, strict_map_key=False)["tree"]
 
 
 def migrate(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, to: str = "1.1",
@@ -105,7 +73,9 @@ def migrate(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, to: str
             bar = tqdm(total=int(tt.nbytes.sum()) if len(tt) else 0, unit="B", unit_scale=True, desc="migrate",
                        file=sys.stderr)
         try:
-            rows: list[tuple[Any, DType]] = [(_source(ckpt, i), ckpt._dtype(i)) for i in range(len(tt))]
+            # each blob streamed through the public block-I/O door: raw ones read, compressed ones decoded
+            # a chunk at a time, every one checked against its checksum before its last chunk is handed over
+            rows: list[tuple[Any, DType]] = [(ckpt.lazy(i), ckpt.row_dtype(i)) for i in range(len(tt))]
             views = ckpt.manifest.views
             with atomic_write(os.fspath(dst), durable=durable) as fd:
                 writer = Writer11(fd, alignment=ckpt.header.alignment, checksum=tt.checksum is not None,

@@ -316,6 +316,23 @@ class Checkpoint:
             self._row_keys = keys
         return self._row_keys.get(row, f"#{row}")
 
+    def row_key(self, row: int) -> str:
+        """The first key path that references tensor-table row ``row`` (``"#row"`` if none): for messages."""
+        return self._key_of(row)
+
+    def metadata_bytes(self) -> bytes:
+        """The metadata section as stored (spec §5: msgpack, ext types untouched), checked against the footer.
+
+        For tools that rewrite a file's blobs and carry its tree over verbatim (``ckptfmt.migrate``).
+        """
+        footer = self.footer
+        with self._check_open().held() as fd:
+            meta = pread_exact(fd, footer.metadata_length, footer.metadata_offset)
+        if checksum(meta) != footer.metadata_checksum:
+            raise ChecksumMismatchError(self.path, "metadata checksum mismatch (the file changed since it was "
+                                                   "opened, or is corrupted)", region="metadata")
+        return meta
+
     def info(self, key: str) -> TensorInfo:
         """dtype, shape, size and offset of the tensor at ``key``, without reading it.
 
@@ -381,7 +398,7 @@ class Checkpoint:
             return None
         from ._decode import read_compressed
 
-        arr = read_compressed(self, [row], verify=verify)[row]
+        arr = read_compressed(self, self._map(), [row], verify=verify)[row]
         return np.ascontiguousarray(arr).reshape(-1).view(np.uint8).data
 
     def read_into(self, key: str | int, out: Any, *, verify: bool = True) -> int:
@@ -444,13 +461,10 @@ class Checkpoint:
 
     def _chunks(self, key: str | int, row: int, off: int, nb: int, want: int | None, size: int,
                 slots: list[memoryview] | None) -> Iterator[memoryview]:
-        decoded = self._decoded(row, want is not None)
-        if decoded is not None:  # a compressed blob: checked and decoded whole first (§13), then handed out
-            for k, a in enumerate(range(0, nb, size)):
-                n = min(size, nb - a)
-                dest = slots[k % len(slots)][:n] if slots is not None else memoryview(bytearray(n))
-                dest[:] = decoded[a : a + n]
-                yield dest
+        if self.manifest.tensors.codec_of(row) != "raw":  # compressed (§13): stored bytes checked, then
+            from ._decode import iter_decoded  # decoded a chunk at a time, memory bounded by ``size``
+
+            yield from iter_decoded(self, self._map(), row, size, slots, verify=want is not None)
             return
         file = self._check_open()
         h = hasher() if want is not None else None
@@ -599,7 +613,7 @@ class Checkpoint:
             rows = list(rows)
             coded = [i for i in rows if tt.codec_of(i) != "raw"]
             if coded:
-                decoded = read_compressed(self, coded, verify=verify)
+                decoded = read_compressed(self, self._map(), coded, verify=verify)
                 rest = [i for i in rows if tt.codec_of(i) == "raw"]
                 if rest:
                     decoded.update(self.read_rows(rest, verify=verify, mmap=mmap, writable=writable))
