@@ -2,12 +2,15 @@
 
 The reader hands these functions the file's memory map (``mm``); everything else comes through
 :class:`Checkpoint`'s public methods. Whole reads check the stored bytes against the row's checksum
-first.
+first; partial reads (:func:`decode_runs`) decode only the chunks they overlap, each zstd frame
+checked by its own content checksum (§13.4), the row's checksum not (it covers the whole blob).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import bisect
+import itertools
+from collections.abc import Iterator, Sequence
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -119,3 +122,44 @@ def iter_decoded(ckpt: Checkpoint, mm: Any, row: int, size: int, slots: list[mem
 def _where(ckpt: Checkpoint, row: int) -> str:
     return f"{ckpt.path}: tensor {ckpt.row_key(row)!r}"
 
+
+def decode_runs(ckpt: Checkpoint, mm: Any, row: int, starts: Sequence[int], run_bytes: int, dest: np.ndarray, *,
+                workers: int = _WORKERS) -> int:
+    """Decode bytes ``[s, s + run_bytes)`` of row ``row`` for each ``s`` in ``starts`` into ``dest`` (uint8), back
+    to back, decoding only the chunks the runs overlap, each once; returns how many chunks were decoded.
+
+    The runs must not overlap (a slice plan's do not). Chunks are decoded on ``workers`` threads, a
+    few in flight, and scattered as they finish, so memory stays bounded by a few chunks.
+    """
+    info = _usable(ckpt, row)
+    cb = info.chunk_bytes
+    runs = sorted((s, k * run_bytes) for k, s in enumerate(starts))  # (start in the row, at in dest)
+    firsts = [s for s, _ in runs]
+    needed = sorted({c for s, _ in runs for c in range(s // cb, (s + run_bytes - 1) // cb + 1)})
+    k = planes(info.codec, info.itemsize)
+    bounds = [0, *itertools.accumulate(info.pieces)]
+    view = memoryview(mm)
+
+    def job(c: int) -> np.ndarray:
+        lo, hi = c * cb, min(info.nbytes, (c + 1) * cb)
+        tmp = np.empty(hi - lo, np.uint8)
+        a, b = bounds[c * k], bounds[(c + 1) * k]
+        decode_chunk(info, c, view[info.offset + a : info.offset + b], c * k, tmp,
+                     lambda: f"{_where(ckpt, row)}, chunk {c}")
+        return tmp
+
+    try:
+        tasks = ((c, partial(job, c), None) for c in needed)
+        for c, tmp in ordered(tasks, min(workers, max(1, len(needed)))):
+            lo = c * cb
+            hi = lo + len(tmp)
+            i = max(0, bisect.bisect_right(firsts, lo) - 1)  # the run that holds lo, or the first after it
+            while i < len(runs) and runs[i][0] < hi:
+                s, at = runs[i]
+                a, b = max(s, lo), min(s + run_bytes, hi)
+                if a < b:
+                    dest[at + a - s : at + b - s] = tmp[a - lo : b - lo]
+                i += 1
+    finally:
+        view.release()
+    return len(needed)

@@ -508,19 +508,23 @@ class Checkpoint:
 
     def _read_slice(self, sl: TensorSlice, index: Any) -> Any:
         dt = self._dtype(sl.row)
-        plan = plan_slice(sl.shape, dt.itemsize, index)
+        coded = self.manifest.tensors.codec_of(sl.row) != "raw"
+        plan = plan_slice(sl.shape, dt.itemsize, index, slack=0) if coded else plan_slice(sl.shape, dt.itemsize, index)
         npd = numpy_dtype(dt)
         # where the result lands: page-locked memory when the backend copies it on to a GPU
         nbytes = dt.itemsize * math.prod(plan.shape)
         stage = getattr(sl.backend, "pinned_empty", None)
         host = stage(nbytes, sl.device) if stage is not None and nbytes else None
         arr = np.empty(plan.shape, dtype=npd) if host is None else host.view(npd).reshape(plan.shape)
-        decoded = None if plan.whole else self._decoded(sl.row, True)
         if plan.whole:
             if arr.nbytes:
                 self.read_into(sl.row, arr, verify=True)
-        elif decoded is not None:  # a compressed blob: decoded whole (and verified), then indexed
-            arr[...] = np.frombuffer(decoded, dtype=npd).reshape(sl.shape)[index]
+        elif coded and plan.starts:  # compressed (§13): only the chunks the runs overlap are decoded
+            from ._decode import decode_runs
+
+            box = np.empty(plan.box_shape, dtype=npd)
+            decode_runs(self, self._map(), sl.row, plan.starts, plan.run_bytes, box.reshape(-1).view(np.uint8))
+            arr[...] = box[plan.post]
         elif plan.starts:
             off, _, _ = self._blob(sl.row)
             box = np.empty(plan.box_shape, dtype=npd)

@@ -97,8 +97,14 @@ class SlicePlan:
             yield s, k * self.run_bytes
 
 
-def plan_slice(shape: tuple[int, ...], itemsize: int, index: Any) -> SlicePlan:
-    """The reads ``blob[index]`` needs; ``whole`` when it selects every element in order."""
+def plan_slice(shape: tuple[int, ...], itemsize: int, index: Any, *, min_run: int = _MIN_RUN,
+               slack: int = 1 << 20) -> SlicePlan:
+    """The reads ``blob[index]`` needs; ``whole`` when it selects every element in order.
+
+    Runs shorter than ``min_run`` are widened while that reads at most four times the bytes needed
+    plus ``slack``. A compressed row (spec §13) is planned with ``slack=0``, so that a narrow slice
+    touches as few chunks as it can: there every byte widened into is a byte decoded.
+    """
     sels = _normalize(index, shape)
     ndim = len(shape)
     out_shape = tuple(s.count for s in sels if not s.drop)
@@ -121,7 +127,7 @@ def plan_slice(shape: tuple[int, ...], itemsize: int, index: Any) -> SlicePlan:
 
     while e > 0 and math.prod(sels[d].count for d in range(e)) > 1:  # widen only to make fewer runs
         run = itemsize if e == ndim else (sels[e].hi - sels[e].lo) * block[e]
-        if run >= _MIN_RUN or cost(e - 1) > 4 * needed + (1 << 20):
+        if run >= min_run or cost(e - 1) > 4 * needed + slack:
             break
         e -= 1
     # box: selected counts for dims < e, [lo, hi) of dim e, whole dims after
