@@ -71,8 +71,7 @@ def test_the_manifest_covers_every_error_class_a_file_can_cause() -> None:
     seen = {c[k] for c in MANIFEST for k in ("open", "load")} | {c["verify_ok"] for c in MANIFEST}
     file_errors = set(errors.__all__) - {"CheckpointError", "CorruptCheckpointError", "UnsupportedObjectError",
                                          "ObjectLimitError", "MissingDependencyError", "CheckpointClosedError",
-                                         "DiskFullError",
-                                         "UnsupportedCodecError"}  # 1.1: tests/test_format11.py crafts it
+                                         "DiskFullError"}
     assert file_errors - seen == set()
     assert any(c["file"] == "a_directory.ckpt" for c in MANIFEST) and not (CORRUPT / "missing.ckpt").exists()
 
