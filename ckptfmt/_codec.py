@@ -17,7 +17,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from functools import partial
+from functools import cached_property, partial
 from typing import Any
 
 import numpy as np
@@ -167,6 +167,11 @@ class StoredRow:
         """Number of chunks (0 for an empty row)."""
         return -(-self.nbytes // self.chunk_bytes)
 
+    @cached_property
+    def starts(self) -> list[int]:
+        """Where each piece starts, relative to ``offset`` (one more entry: the stored size), computed once."""
+        return np.concatenate(([0], np.cumsum(self.pieces, dtype=np.int64))).tolist()
+
 
 def piece_sizes(row: StoredRow, chunk: int) -> list[int]:
     """Decoded sizes of chunk ``chunk``'s pieces."""
@@ -245,7 +250,7 @@ def decode_into(row: StoredRow, read: Callable[[int, int], Any], dest: np.ndarra
         return
     k = planes(row.codec, row.itemsize)
     first, last = start // row.chunk_bytes, (stop - 1) // row.chunk_bytes
-    starts = np.concatenate(([0], np.cumsum(row.pieces, dtype=np.int64))).tolist()
+    starts = row.starts
 
     def job(c: int) -> None:
         lo, hi = c * row.chunk_bytes, min(row.nbytes, (c + 1) * row.chunk_bytes)

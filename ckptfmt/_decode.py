@@ -9,7 +9,6 @@ checked by its own content checksum (§13.4), the row's checksum not (it covers 
 from __future__ import annotations
 
 import bisect
-import itertools
 from collections.abc import Iterator, Sequence
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -137,7 +136,7 @@ def decode_runs(ckpt: Checkpoint, mm: Any, row: int, starts: Sequence[int], run_
     firsts = [s for s, _ in runs]
     needed = sorted({c for s, _ in runs for c in range(s // cb, (s + run_bytes - 1) // cb + 1)})
     k = planes(info.codec, info.itemsize)
-    bounds = [0, *itertools.accumulate(info.pieces)]
+    bounds = info.starts
     view = memoryview(mm)
 
     def job(c: int) -> np.ndarray:
