@@ -1,12 +1,14 @@
 """CRC-32C (Castagnoli), as TensorFlow and LevelDB store it (masked), in numpy; google-crc32c when installed.
 
 TensorFlow checksums every tensor and every index block with CRC-32C. Python's ``zlib`` only has
-CRC-32, so this module computes CRC-32C itself: a pure-Python table loop is ~5 MB/s, too slow for
-weights, so the bytes are cut into many equal lanes whose CRCs advance together, four bytes per numpy
-step (slicing-by-4 over uint32 words), and the lane CRCs are then folded into one with the GF(2)
-"shift by n zero bytes" operator (the way zlib's ``crc32_combine`` joins CRCs). When the
-``google-crc32c`` package is importable with its C implementation it is used instead (hardware CRC).
-``benchmarks/RESULTS.md``-style figures for both are in the converter's docs.
+CRC-32, so this module computes CRC-32C itself. A pure-Python table loop is ~5 MB/s, too slow for
+weights; CRC without its pre/post inversion is linear over GF(2), so the register after a 128-byte
+segment is the XOR of one table entry per byte (a table per position in the segment: 128 x 256
+entries), which numpy computes for all the segments of a block in one gather and one XOR-reduce. The
+segments' registers are then folded pairwise with the "advance through n zero bytes" operator (the
+way zlib's ``crc32_combine`` joins CRCs), applied a byte at a time through four 256-entry tables.
+When the ``google-crc32c`` package is importable with its C implementation it is used instead
+(hardware CRC, ~20-40x faster); ``benchmarks/bench_tensorflow.py crc`` measures both.
 """
 
 from __future__ import annotations
@@ -21,10 +23,9 @@ __all__ = ["MASK_DELTA", "Crc32c", "crc32c", "mask", "unmask"]
 _POLY = 0x82F63B78  # reflected Castagnoli polynomial
 MASK_DELTA = 0xA282EAD8
 _U32 = 0xFFFFFFFF
-#: below this many bytes the plain table loop is cheaper than setting up lanes
-_SMALL = 256
-#: lanes for the vectorised loop (a power of two); a chunk needs at least 4 words per lane to use them
-_MAX_LANES = 1 << 14
+#: bytes per segment (one positional table each), and the largest block one gather covers
+_SEG = 128
+_BLOCK = 1 << 18
 
 
 def _table() -> np.ndarray:
@@ -35,13 +36,20 @@ def _table() -> np.ndarray:
 
 
 _T0 = _table()
-# slicing-by-4: _TS[k][b] advances the byte b through k+1 more bytes (k zero bytes after it)
-_TS = [_T0]
-for _k in range(3):
-    _prev = _TS[-1]
-    _TS.append((_T0[_prev & 0xFF] ^ (_prev >> 8)).astype(np.uint32))
-_T1, _T2, _T3 = _TS[1], _TS[2], _TS[3]
 _TLIST = [int(v) for v in _T0]
+
+
+def _positional() -> np.ndarray:
+    """Row ``j``: the register (from 0) after byte ``b`` at position ``j`` of a ``_SEG``-byte segment."""
+    t = np.empty((_SEG, 256), dtype=np.uint32)
+    t[_SEG - 1] = _T0
+    for j in range(_SEG - 2, -1, -1):
+        t[j] = _T0[t[j + 1] & 0xFF] ^ (t[j + 1] >> 8)
+    return t.reshape(-1)
+
+
+_POS = _positional()
+_ROW = np.arange(_SEG, dtype=np.uint16) * 256
 
 
 def mask(crc: int) -> int:
@@ -114,16 +122,11 @@ def _apply(tables: tuple[np.ndarray, ...], regs: np.ndarray) -> np.ndarray:
     return tables[0][b[:, 0]] ^ tables[1][b[:, 1]] ^ tables[2][b[:, 2]] ^ tables[3][b[:, 3]]
 
 
-def _raw_lanes(words: np.ndarray) -> int:
-    """Register (from 0) after the bytes of ``words`` (shape (lanes, n), uint32 little-endian), lanes in order."""
-    lanes, n = words.shape
-    cols = np.ascontiguousarray(words.T)  # one row per step: the next word of every lane
-    regs = np.zeros(lanes, dtype=np.uint32)
-    b = regs.view(np.uint8).reshape(-1, 4)
-    for j in range(n):
-        np.bitwise_xor(regs, cols[j], out=regs)
-        regs[:] = _T3[b[:, 0]] ^ _T2[b[:, 1]] ^ _T1[b[:, 2]] ^ _T0[b[:, 3]]
-    span = 4 * n
+def _raw_block(block: np.ndarray) -> int:
+    """Register (from 0) after ``block`` (uint8, ``_SEG`` times a power of two bytes)."""
+    segs = block.size // _SEG
+    regs = np.bitwise_xor.reduce(_POS[block.reshape(segs, _SEG) + _ROW], axis=1)
+    span = _SEG
     while regs.size > 1:  # fold neighbours: reg(A + B) = shift(reg(A), len(B)) ^ reg(B)
         regs = _apply(_shift_tables(span), np.ascontiguousarray(regs[0::2])) ^ regs[1::2]
         span *= 2
@@ -131,19 +134,16 @@ def _raw_lanes(words: np.ndarray) -> int:
 
 
 def _raw(data: np.ndarray) -> int:
-    """Register (from 0) after ``data`` (flat uint8), no inversion."""
+    """Register (from 0) after ``data`` (flat uint8), no inversion: power-of-two blocks, then a byte loop."""
     reg = 0
     pos = 0
     n = data.size
-    while n - pos >= _SMALL:
-        lanes = _MAX_LANES
-        while lanes > 1 and (n - pos) // (4 * lanes) < 4:
-            lanes //= 2
-        per = (n - pos) // (4 * lanes)
-        take = 4 * lanes * per
-        words = data[pos : pos + take].view("<u4").reshape(lanes, per)
-        reg = _shift(reg, take) ^ _raw_lanes(words)
-        pos += take
+    while n - pos >= _SEG:
+        size = _BLOCK
+        while size > n - pos:
+            size //= 2
+        reg = _shift(reg, size) ^ _raw_block(data[pos : pos + size])
+        pos += size
     if pos < n:
         reg = _raw_small(reg, data[pos:].tobytes())
     return reg
