@@ -428,6 +428,9 @@ def _located(bundle: _Bundle, e: _Entry, key: str) -> tuple[str, int]:
 
 def _numeric(bundle: _Bundle, e: _Entry, key: str, dtype: DType) -> _CheckedArray:
     path, size = _located(bundle, e, key)
+    if math.prod(d for d in e.shape if d) * dtype.itemsize >= 1 << 63:
+        raise CorruptSourceError(bundle.index, f"tensorflow: tensor {key!r} of shape {list(e.shape)}: its dimensions "
+                                               "make 2**63 bytes or more (TensorFlow caps a tensor below that)")
     want = math.prod(e.shape) * dtype.itemsize
     if want != e.size:
         raise CorruptSourceError(bundle.index, f"tensorflow: tensor {key!r} of shape {list(e.shape)} and dtype "

@@ -252,14 +252,16 @@ def test_quantized_dtypes_keep_their_tf_name(tmp_path: Path) -> None:
     assert ckptfmt.load(tmp_path / "out.ckpt", backend="numpy")["q"].tolist() == [1, 2, -1]
 
 
-@pytest.mark.parametrize("case", ["past_end", "size_mismatch", "bad_shard", "negative_dim", "huge_shape"])
+@pytest.mark.parametrize("case", ["past_end", "size_mismatch", "bad_shard", "negative_dim", "huge_shape",
+                                  "huge_empty"])
 def test_entries_checked_against_the_shard(case: str, tmp_path: Path) -> None:
     raw, crc = f32([1, 2, 3, 4])
     e = {"past_end": tt.entry(1, (2, 2), offset=8, size=16, crc=crc),
          "size_mismatch": tt.entry(1, (2, 3), size=16, crc=crc),
          "bad_shard": tt.entry(1, (2, 2), shard=3, size=16, crc=crc),
          "negative_dim": tt.entry(1, (-2, 2), size=16, crc=crc),
-         "huge_shape": tt.entry(1, (1 << 40, 1 << 40), size=16, crc=crc)}[case]
+         "huge_shape": tt.entry(1, (1 << 40, 1 << 40), size=16, crc=crc),
+         "huge_empty": tt.entry(1, (1 << 62, 0), size=0)}[case]
     prefix = write_bundle(tmp_path, [(b"w", e)], raw)
     with pytest.raises(CorruptSourceError, match=r"'w'|dimension"):
         read_tensorflow(prefix)
@@ -429,3 +431,15 @@ def test_structured_mutations_with_valid_checksums(rng: random.Random, edits: in
         items[i] = (key, bytes(value))
     index.write_bytes(tt.table(items, per_block=rng.choice([1, 4, 64]), restart_every=rng.choice([1, 3, 16])))
     run_one(prefix, work / "out.ckpt")
+
+
+def test_prefix_compression_cannot_expand_keys_without_bound(tmp_path: Path) -> None:
+    """256 keys sharing a 200 KB prefix: ~400 KB of index, 51 MB of keys once rebuilt; refused at 16x + 1 MiB."""
+    stem = b"v" * 200_000
+    items = sorted([(b"", tt.header())] + [(stem + bytes([i]), tt.entry(1, (0,))) for i in range(256)])
+    prefix = tmp_path / "h"
+    Path(f"{prefix}.index").write_bytes(tt.table(items, per_block=300, restart_every=1000))
+    Path(f"{prefix}.data-00000-of-00001").write_bytes(b"")
+    assert os.path.getsize(f"{prefix}.index") < 500_000  # the data block and its 200 KB index separator
+    with pytest.raises(CorruptSourceError, match="exceed"):
+        read_tensorflow(str(prefix))

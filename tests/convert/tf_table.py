@@ -61,6 +61,18 @@ def header(num_shards: int = 1, endianness: int = 0) -> bytes:
     return field(1, num_shards) + (field(2, endianness) if endianness else b"") + field(3, field(1, 1))
 
 
+def _common(a: bytes, b: bytes) -> int:
+    """Length of the common prefix, by bisection on slice comparisons (long keys stay fast)."""
+    lo, hi = 0, min(len(a), len(b))
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
 def _block(items: list[tuple[bytes, bytes]], restart_every: int) -> bytes:
     out = bytearray()
     restarts = []
@@ -70,9 +82,7 @@ def _block(items: list[tuple[bytes, bytes]], restart_every: int) -> bytes:
             restarts.append(len(out))
             shared = 0
         else:
-            shared = 0
-            while shared < min(len(prev), len(key)) and prev[shared] == key[shared]:
-                shared += 1
+            shared = _common(prev, key)
         out += varint(shared) + varint(len(key) - shared) + varint(len(value)) + key[shared:] + value
         prev = key
     if not restarts:
