@@ -116,7 +116,11 @@ def _from_state_file(directory: str) -> str | None:
 
 
 def find_prefix(path: str) -> str | None:
-    """The bundle prefix ``path`` names (the prefix, its ``.index``, a data shard, or a directory), or None."""
+    """The bundle prefix ``path`` names (the prefix, its ``.index``, a data shard, or a directory), or None.
+
+    A directory names the checkpoint its ``checkpoint`` state file names, else its one ``*.index``,
+    else a SavedModel's ``variables/variables``.
+    """
     if os.path.isdir(path):
         named = _from_state_file(path)
         if named is not None and _index_of(named) is not None:
@@ -127,7 +131,10 @@ def find_prefix(path: str) -> str | None:
             names = ", ".join(os.path.basename(h) for h in hits)
             raise UnknownFormatError(path, f"several TensorFlow checkpoints ({names}) "
                                            "and no 'checkpoint' state file naming one; pass the prefix to convert")
-        return hits[0] if hits else None
+        if hits:
+            return hits[0]
+        saved_model = os.path.join(path, "variables", "variables")  # a SavedModel directory's variables
+        return saved_model if _index_of(saved_model) is not None else None
     if path.endswith(INDEX_SUFFIX) and os.path.isfile(path):
         prefix = path[: -len(INDEX_SUFFIX)]
         return prefix if _index_of(prefix) is not None else None
@@ -558,7 +565,8 @@ def read_tensorflow(path: str, *, verify: bool = True) -> tuple[dict[str, Any], 
     """(``{TF key: tensor or bytes}``, ``{"tensorflow": {...}}``) of the checkpoint ``path`` names.
 
     ``path``: the prefix, its ``.index`` file, one of its data shards, or a directory (the prefix its
-    ``checkpoint`` state file names, else its only ``*.index``). ``verify``: check each tensor's and
+    ``checkpoint`` state file names, else its only ``*.index``, else a SavedModel's
+    ``variables/variables``). ``verify``: check each tensor's and
     each index block's CRC-32C (numpy, or google-crc32c when installed).
     """
     prefix = find_prefix(path)

@@ -11,6 +11,8 @@ import os
 import random
 import shutil
 import struct
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -443,3 +445,24 @@ def test_prefix_compression_cannot_expand_keys_without_bound(tmp_path: Path) -> 
     assert os.path.getsize(f"{prefix}.index") < 500_000  # the data block and its 200 KB index separator
     with pytest.raises(CorruptSourceError, match="exceed"):
         read_tensorflow(str(prefix))
+
+
+def test_the_command_line_converts_a_prefix(tmp_path: Path) -> None:
+    """`ckptfmt convert PREFIX DST --json` in a child process (the installed package, not the source tree)."""
+    out = subprocess.run([sys.executable, "-m", "ckptfmt", "convert", str(DATA / "tf1" / "model.ckpt-7"),
+                          str(tmp_path / "out.ckpt"), "--json"], cwd=tmp_path, capture_output=True, text=True,
+                         check=True)
+    report = json.loads(out.stdout)
+    assert report["source_format"] == "tensorflow" and report["tensors"] == 7
+    assert_matches(ckptfmt.load(tmp_path / "out.ckpt", backend="numpy"), EXPECTED["tf1/model.ckpt-7"])
+
+
+def test_a_saved_model_directory_converts_its_variables(tmp_path: Path) -> None:
+    """SavedModel layout: ``variables/variables.index`` + shards beside ``saved_model.pb`` (never read)."""
+    (tmp_path / "model" / "variables").mkdir(parents=True)
+    (tmp_path / "model" / "saved_model.pb").write_bytes(b"\x08\x01")
+    for f in (DATA / "tf2").glob("ckpt-1.*"):
+        shutil.copy(f, tmp_path / "model" / "variables" / f.name.replace("ckpt-1", "variables"))
+    assert detect(tmp_path / "model") == "tensorflow"
+    convert(tmp_path / "model", tmp_path / "out.ckpt")
+    assert_matches(ckptfmt.load(tmp_path / "out.ckpt", backend="numpy"), EXPECTED["tf2/ckpt-1"])
