@@ -466,3 +466,24 @@ def test_a_saved_model_directory_converts_its_variables(tmp_path: Path) -> None:
     assert detect(tmp_path / "model") == "tensorflow"
     convert(tmp_path / "model", tmp_path / "out.ckpt")
     assert_matches(ckptfmt.load(tmp_path / "out.ckpt", backend="numpy"), EXPECTED["tf2/ckpt-1"])
+
+
+@settings(FUZZ, max_examples=100)
+@given(rng=st.randoms(use_true_random=False), verify=st.booleans())
+def test_data_shard_mutations(rng: random.Random, verify: bool, tmp_path: Path) -> None:
+    """Damaged shard bytes (string tensors parsed from them too), with and without the CRC check."""
+    work = Path(tempfile.mkdtemp(dir=tmp_path))
+    prefix = copy(rng.choice(["dtypes/all", "tf2/ckpt-1"]), work)
+    shard = rng.choice(sorted(prefix.parent.glob("*.data-*")))
+    raw = bytearray(shard.read_bytes())
+    for _ in range(rng.randint(1, 4)):
+        raw[rng.randrange(len(raw))] = rng.randrange(256)
+    if rng.random() < 0.2:
+        raw = raw[: rng.randrange(len(raw) + 1)]
+    shard.write_bytes(bytes(raw))
+    try:
+        tree, meta = read_tensorflow(str(prefix), verify=verify)
+        ckptfmt.save(work / "out.ckpt", tree, metadata=meta)
+    except CheckpointError:
+        return
+    ckptfmt.load(work / "out.ckpt", backend="numpy")
