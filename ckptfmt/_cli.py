@@ -296,7 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print a JSON document instead")
     s.set_defaults(func=_cmd_diff)
     s = sub.add_parser("convert", help="convert torch.save, TorchScript, Lightning, safetensors, Hugging Face model "
-                                       "directories, npy/npz, HDF5, DCP or GGUF checkpoints to ckptfmt")
+                                       "directories, npy/npz, HDF5, DCP, GGUF or TensorFlow checkpoints to ckptfmt")
     s.add_argument("src", help="file or directory; its format is told by content")
     s.add_argument("dst")
     s.add_argument("--allow-pickle", action="store_true",

@@ -109,6 +109,10 @@ def _read(fmt: str, src: str, *, allow_pickle: bool) -> tuple[Any, dict[str, Any
         from ._dcp import read_dcp
 
         return read_dcp(src, allow_pickle=allow_pickle), {}
+    if fmt == "tensorflow":
+        from ._tensorflow import read_tensorflow
+
+        return read_tensorflow(src)
     raise ValueError(f"unknown source format {fmt!r}")  # detect() returns none other
 
 
@@ -156,7 +160,7 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, allow_p
     fmt = detect(src_s)
     if os.path.isdir(dst_s):
         raise NotACheckpointFileError(f"{dst_s}: is a directory; give the path of the file to write")
-    if os.path.exists(dst_s) and os.path.samefile(src_s, dst_s):
+    if os.path.exists(dst_s) and os.path.exists(src_s) and os.path.samefile(src_s, dst_s):
         raise SameFileError(f"{dst_s}: the destination is the source; write the conversion elsewhere")
     tree, source_meta = _read(fmt, src_s, allow_pickle=allow_pickle)
     if fmt in ("safetensors-sharded", "torch-sharded"):  # a model directory: its config and tokenizer files too

@@ -16,13 +16,14 @@ from ._hfdir import TORCH_WEIGHTS, index_shard_format, is_torch_dir
 from ._keras import is_keras
 from ._lightning import is_lightning
 from ._safetensors import INDEX_SUFFIX, find_index, sniff_header
+from ._tensorflow import find_prefix, looks_like_index
 from ._torchscript import is_torchscript
 
 __all__ = ["FORMATS", "detect"]
 
 #: every format :func:`detect` can return, i.e. every source ``convert`` reads
 FORMATS = ("ckptfmt", "torch-zip", "torch-legacy", "torchscript", "lightning", "safetensors", "safetensors-sharded",
-           "torch-sharded", "npy", "npz", "hdf5", "dcp", "gguf", "keras", "flax-msgpack")
+           "torch-sharded", "npy", "npz", "hdf5", "dcp", "gguf", "keras", "flax-msgpack", "tensorflow")
 
 _NPY = b"\x93NUMPY"
 _HDF5 = b"\x89HDF\r\n\x1a\n"
@@ -38,7 +39,9 @@ def detect(path: str | os.PathLike[str]) -> str:
     by what they hold: ``.metadata`` and ``*.distcp`` make ``"dcp"``, ``*.safetensors.index.json`` or
     ``*.safetensors`` files ``"safetensors-sharded"``, ``*.bin.index.json`` or a ``pytorch_model.bin``
     that is a torch.save file ``"torch-sharded"`` (a Hugging Face model directory). An index file is
-    ``"safetensors-sharded"`` or ``"torch-sharded"`` by the content of its shards. Raises
+    ``"safetensors-sharded"`` or ``"torch-sharded"`` by the content of its shards. A TensorFlow checkpoint
+    is ``"tensorflow"`` when ``path`` is its prefix, its ``.index`` (a LevelDB table starting with the
+    bundle header), a data shard, or a directory holding one. Raises
     :class:`UnknownFormatError` for anything else and :class:`CorruptSourceError` for a file that starts
     like a known format but is broken.
     """
@@ -46,6 +49,8 @@ def detect(path: str | os.PathLike[str]) -> str:
     if os.path.isdir(p):
         return _detect_dir(p)
     if not os.path.exists(p):
+        if find_prefix(p) is not None:  # a TensorFlow prefix: PREFIX.index exists, PREFIX itself does not
+            return "tensorflow"
         raise CheckpointNotFoundError(p)
     with open(p, "rb") as f:
         size = f.seek(0, 2)
@@ -79,6 +84,11 @@ def detect(path: str | os.PathLike[str]) -> str:
         raise CorruptSourceError(p, f"starts like a safetensors file, but its header length "
                                     f"{struct.unpack_from('<Q', head)[0]} runs past the end of the file ({size} "
                                     "bytes): truncated?")
+    if find_prefix(p) is not None:  # a TensorFlow PREFIX.index (a table holding a bundle header) or a data shard
+        return "tensorflow"
+    if looks_like_index(p, head, size):
+        raise UnknownFormatError(p, "a LevelDB table like a TensorFlow checkpoint index, but not named PREFIX.index; "
+                                    "TensorFlow finds the data shards by that name: rename it or pass the prefix")
     raise UnknownFormatError(p, f"not a format ckptfmt can convert (first bytes {head[:16]!r}); it reads "
                                 f"{', '.join(FORMATS)}")
 
@@ -91,6 +101,8 @@ def _detect_dir(p: str) -> str:
         return "safetensors-sharded"
     if is_torch_dir(p, detect):
         return "torch-sharded"
+    if find_prefix(p) is not None:  # the checkpoint its `checkpoint` state file names, or its only PREFIX.index
+        return "tensorflow"
     hint = ""
     if METADATA_FILE in names:
         hint = " (it has a .metadata file but no *.distcp files: an incomplete DCP checkpoint?)"
