@@ -56,8 +56,11 @@ def _live_state(model: Any, optimizer: Any) -> dict[str, Any]:
 def save_sharded(path: str, step: int, model: Any, optimizer: Any = None, *, scheduler: Any = None,
                  scaler: Any = None, epoch: int | None = None, loss: float | None = None, config: Any = None,
                  vocab: Any = None, rng: bool = True, extra: Any = None, metadata: dict[str, Any] | None = None,
-                 durable: bool = True, process_group: Any = None) -> str:
-    """Save one training step as a sharded checkpoint at ``path``; called on every rank of the group."""
+                 durable: bool = True, process_group: Any = None, blocking: bool = True) -> Any:
+    """Save one training step as a sharded checkpoint at ``path``; called on every rank of the group.
+
+    Returns the path; with ``blocking=False`` the future of :func:`ckptfmt.distributed.async_save`.
+    """
     import ckptfmt.distributed as cd
 
     summary = _summary(step, epoch, loss, metadata)
@@ -71,6 +74,8 @@ def save_sharded(path: str, step: int, model: Any, optimizer: Any = None, *, sch
         if v is not None:
             state[k] = v
     opts = cd.SaveOptions(name=os.path.basename(path), rng_state=rng, metadata=summary, sync=durable)
+    if not blocking:
+        return cd.async_save(state, path, process_group=process_group, options=opts)
     return cd.save(state, path, process_group=process_group, options=opts)
 
 

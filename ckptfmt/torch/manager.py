@@ -14,6 +14,7 @@ provably dead).
 from __future__ import annotations
 
 import builtins
+import concurrent.futures
 import contextlib
 import os
 from typing import Any
@@ -51,6 +52,7 @@ class CheckpointManager:
         self.directory = os.fspath(directory)
         self.keep_last = keep_last
         self.keep_every = keep_every
+        self._sharded_inflight: concurrent.futures.Future[str] | None = None
         os.makedirs(self.directory, exist_ok=True)
         with contextlib.suppress(OSError):  # a read-only run directory still lists and loads
             self._refresh()
@@ -98,7 +100,9 @@ class CheckpointManager:
         ``sharded``: save ``step-N/`` through ckptfmt.distributed, called on every rank of
         ``process_group`` (the default group if None); each rank writes its own shards, rank 0 indexes
         and prunes after the commit. ``None`` (the default) means: sharded when a process group is
-        initialised and the model has DTensor parameters (FSDP2, tensor parallel). A sharded save blocks.
+        initialised and the model has DTensor parameters (FSDP2, tensor parallel). A sharded save with
+        ``blocking=False`` returns a future (the path) once the state is staged; rank 0 indexes and
+        prunes when the commit is done, and ``wait()`` or the next save waits for it.
         """
         step = int(step)
         if sharded is None:
@@ -107,8 +111,7 @@ class CheckpointManager:
             sharded = in_process_group() and has_dtensors(model)
         if sharded:
             if not blocking:
-                raise ValueError("a sharded save through the manager blocks (blocking=False is for single-file "
-                                 "saves); ckptfmt.distributed.async_save saves a sharded step in the background")
+                return self._save_sharded_async(step, model, optimizer, process_group, what)
             return self._save_sharded(step, model, optimizer, process_group, what)
         path = self.path(step)
         remove_stale_temps(self.directory)  # each step has its own name: sweep the killed saves' temporaries
@@ -121,6 +124,10 @@ class CheckpointManager:
 
     def wait(self) -> None:
         """Wait for the background save in flight, if any; raise its error if nobody has seen it."""
+        sharded = self._sharded_inflight
+        if sharded is not None:
+            self._sharded_inflight = None
+            sharded.result()
         wait_background(self)
 
     def _save_sharded(self, step: int, model: Any, optimizer: Any, process_group: Any, what: dict[str, Any]) -> str:
@@ -149,6 +156,33 @@ class CheckpointManager:
         if failure[0] is not None:
             raise CheckpointError(f"{path}: rank 0 could not index and prune the saved step: {failure[0]}")
         return path
+
+    def _save_sharded_async(self, step: int, model: Any, optimizer: Any, process_group: Any,
+                            what: dict[str, Any]) -> concurrent.futures.Future[str]:
+        """Stage the step on every rank and return; rank 0 indexes and prunes once the commit is done."""
+        import torch.distributed as dist
+
+        from ._sharded import in_process_group, save_sharded
+
+        rank0 = not in_process_group() or dist.get_rank(process_group) == 0
+        path = self.path(step, sharded=True)
+        self.wait()
+        inner = save_sharded(path, step, model, optimizer, process_group=process_group, blocking=False, **what)
+        out: concurrent.futures.Future[str] = concurrent.futures.Future()
+
+        def done(f: concurrent.futures.Future[str]) -> None:
+            try:
+                f.result()
+                if rank0:
+                    self._commit(step, path)
+            except BaseException as e:  # reported at result(), wait() or the next save
+                out.set_exception(e)
+                return
+            out.set_result(path)
+
+        self._sharded_inflight = out
+        inner.add_done_callback(done)
+        return out
 
     def _commit(self, step: int, path: str) -> None:
         """List the complete checkpoint of ``step`` and prune, under the directory lock (the files are the truth).
@@ -182,7 +216,7 @@ class CheckpointManager:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(p)
         elif is_committed(p):
-            delete(p, durable=False)  # one directory fsync at the end
+            delete(p)
         else:
             remove_uncommitted(p)
 

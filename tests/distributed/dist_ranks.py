@@ -394,7 +394,13 @@ def manager_fsdp2(rank: int, world: int, directory: str) -> dict[str, Any]:
     for step in (1, 2, 3):
         _train(model, opt, step)
         sched.step()
-        path = manager.save(step, model, opt, scheduler=sched, loss=0.5 * step, config={"lr": 0.01, "tag": "x"})
+        what = {"scheduler": sched, "loss": 0.5 * step, "config": {"lr": 0.01, "tag": "x"}}
+        if step < 3:
+            path = manager.save(step, model, opt, **what)
+        else:  # in the background: staged now, committed and pruned (by rank 0) later
+            path = manager.save(step, model, opt, blocking=False, **what).result(60)
+            manager.wait()
+            dist.barrier()  # rank 0 pruned before its future completed
         assert path.endswith(f"step-{step:08d}"), path
         listed.append([(e["step"], e["sharded"], e["world_size"]) for e in manager.list()])
     assert manager.latest(verify=True) == 3

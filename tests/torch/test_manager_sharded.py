@@ -43,7 +43,9 @@ def test_sharded_steps_are_listed_pruned_loaded_and_deleted(tmp_path):
     ck = m.load(2)
     assert ck.step == 2 and ck.loss == 0.5 and torch.equal(ck.model_state["weight"], model.weight.detach())
     assert m.latest() == 4
-    m.save(5, model, opt, sharded=True)  # retention counts both kinds
+    fut = m.save(5, model, opt, sharded=True, blocking=False)  # retention counts both kinds
+    assert fut.result(60) == str(tmp_path / "step-00000005")
+    m.wait()
     assert sorted(os.listdir(tmp_path)) == ["index.json", "step-00000004", "step-00000005"]
     m.delete(5)
     assert [e["step"] for e in m.list()] == [4] and not os.path.exists(tmp_path / "step-00000005")
@@ -166,3 +168,21 @@ def test_attempt_is_swept_only_once_its_writer_is_dead(tmp_path):
     m.save(4, model, opt)
     assert not os.path.exists(staging)
     assert not [n for n in os.listdir(run) if n.startswith(".")], os.listdir(run)
+
+
+def test_sweep_removes_only_dead_leftovers_of_the_managers_names(tmp_path):
+    m = CheckpointManager(tmp_path)
+    model, opt = _model()
+    m.save(2, model, opt, sharded=True)
+    old2 = tmp_path / ".step-00000002.ckptfmt-old"  # its step is committed and nobody commits it: garbage
+    old3 = tmp_path / ".step-00000003.ckptfmt-old"  # its step is missing: kept for recovery by hand
+    dead = tmp_path / ".step-00000004.ckptfmt-dead-0123456789abcdef"
+    crashed = tmp_path / ".step-00000005.ckptfmt-staging"  # committed in staging, final missing: kept
+    foreign = tmp_path / ".run.ckptfmt-staging"  # not a manager name
+    for p in (old2, old3, dead, crashed, foreign):
+        p.mkdir()
+        (p / "rank00000.ckpt").write_bytes(b"x")
+    (crashed / INDEX_NAME).write_bytes(b"x")
+    m.save(6, model, opt)
+    left = sorted(n for n in os.listdir(tmp_path) if n.startswith("."))
+    assert left == [".run.ckptfmt-staging", ".step-00000003.ckptfmt-old", ".step-00000005.ckptfmt-staging"]
