@@ -219,11 +219,12 @@ def describe(path: str) -> dict[str, Any]:
     Raises :class:`CheckpointError` when its index is missing or invalid (hostile bytes: capped, checked).
     """
     p = os.path.join(path, INDEX_NAME)
-    try:
-        with open(p, "rb") as f:
-            data = f.read(MAX_INDEX_BYTES + 1)
+    try:  # never through a link: no file outside the checkpoint directory is opened
+        fd = os.open(p, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0))
     except FileNotFoundError:
         raise CheckpointNotFoundError(p) from None
+    with open(fd, "rb") as f:
+        data = f.read(MAX_INDEX_BYTES + 1)
     idx = parse_index(data, path=p, max_bytes=MAX_INDEX_BYTES)
     return {"size": len(data) + sum(f.size for f in idx.files), "world_size": idx.world_size,
             "metadata": dict(idx.metadata)}

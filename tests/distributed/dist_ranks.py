@@ -195,16 +195,16 @@ def run(world: int, fn: str, *args: Any, out: str | None = None, timeout: float 
     if not intact:
         del _POOLS[world]
         pool.close(graceful=False)
-    results = []
+    results, failures = [], []
     for r, res in enumerate(outcomes):
-        if "exit" in res:
-            if not allow_exit:
-                raise AssertionError(f"{fn}: rank {r} exited with {res['exit']} and no result")
-            results.append(res)
+        if "exit" in res and not allow_exit:
+            failures.append(f"{fn}: rank {r} exited with {res['exit']} and no result")
         elif "error" in res:
-            raise AssertionError(f"{fn}: rank {r} failed:\n{res['error']}")
-        else:
-            results.append(res["ok"])
+            failures.append(f"{fn}: rank {r} failed:\n{res['error']}")
+        results.append(res if "exit" in res else res.get("ok"))
+    if failures:  # every rank's cause, the real tracebacks before the ranks that only timed out
+        failures.sort(key=lambda f: "did not finish within" in f)
+        raise AssertionError("\n".join(failures))
     return results
 
 
@@ -431,3 +431,20 @@ def manager_restore(rank: int, world: int, directory: str) -> dict[str, Any]:
     ck = CheckpointManager(directory).restore(model, opt)
     assert ck is not None
     return {"step": ck.step, "full": _full(model)}
+
+
+# ---------------------------------------------------------------- the pool itself
+
+def fail_on(rank: int, world: int, bad: int) -> int:
+    """Raise on rank ``bad`` only (the pool's failure reporting)."""
+    if rank == bad:
+        raise ValueError(f"boom on rank {rank}")
+    return rank
+
+
+def echo(rank: int, world: int, value: Any) -> list[Any]:
+    """Each rank's id and ``value``, after a collective (the group works)."""
+    t = torch.tensor([1])
+    dist.all_reduce(t)
+    assert int(t) == world
+    return [rank, value]
