@@ -1,10 +1,11 @@
 """The checkpoints of a CheckpointManager directory, readable without torch (``ckptfmt ls``).
 
 The directory is the truth: a checkpoint is a ``step-<8+ digits>.ckpt`` file there that opens as a
-ckptfmt checkpoint. ``index.json`` is only a cache of what those files hold (step, time, size,
-metadata), rebuilt from them: an entry is used only when its file name is the one its step gives
-and the file's size and time still match; anything else in it is ignored. It is untrusted input:
-read with a size cap, and a damaged one is ignored, never fatal.
+ckptfmt checkpoint, or a ``step-<8+ digits>`` directory holding a committed sharded checkpoint
+(spec/DISTRIBUTED.md §8). ``index.json`` is only a cache of what those hold (step, time, size,
+metadata), rebuilt from them: an entry is used only when its name is the one its step gives and
+the file's (a sharded one's index file's) size and time still match; anything else in it is
+ignored. It is untrusted input: read with a size cap, and a damaged one is ignored, never fatal.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ LOCK = ".ckptfmt-manager.lock"
 MAX_INDEX_BYTES = 64 << 20
 FORMAT = "ckptfmt.checkpoint-index"
 _STEP_FILE = re.compile(r"^step-(\d{8,19})\.ckpt$")
+_STEP_DIR = re.compile(r"^step-(\d{8,19})$")
 
 
 def checkpoint_name(step: int) -> str:
@@ -37,13 +39,23 @@ def checkpoint_name(step: int) -> str:
     return f"step-{step:08d}.ckpt"
 
 
+def sharded_name(step: int) -> str:
+    """The directory name of the sharded checkpoint of ``step`` (``checkpoint_name`` without ``.ckpt``)."""
+    return checkpoint_name(step)[: -len(".ckpt")]
+
+
 def step_of(name: str) -> int | None:
-    """The step a manager's file name stands for, or None for any other name."""
-    m = _STEP_FILE.match(name)
+    """The step a manager's file or sharded directory name stands for, or None for any other name."""
+    m = _STEP_FILE.match(name) or _STEP_DIR.match(name)
     if m is None:
         return None
     step = int(m[1])
-    return step if checkpoint_name(step) == name else None  # one name per step: no leading-zero aliases
+    return step if name in (checkpoint_name(step), sharded_name(step)) else None  # no leading-zero aliases
+
+
+def is_sharded_name(name: str) -> bool:
+    """True for the name of a manager's sharded checkpoint directory (``step-<8+ digits>``)."""
+    return step_of(name) is not None and not name.endswith(".ckpt")
 
 
 def read_cache(directory: str) -> dict[str, dict[str, Any]]:
@@ -83,8 +95,40 @@ def parse_index(path: str) -> dict[str, dict[str, Any]]:
         step, name, size, when, meta = (item.get(k) for k in ("step", "file", "size", "time", "metadata"))
         if (isinstance(step, int) and not isinstance(step, bool) and isinstance(name, str) and step_of(name) == step
                 and isinstance(size, int) and isinstance(when, (int, float)) and isinstance(meta, dict)):
-            out[name] = {"step": step, "file": name, "time": when, "size": size, "metadata": meta}
+            entry = {"step": step, "file": name, "time": when, "size": size, "metadata": meta}
+            if is_sharded_name(name):
+                extra = {k: item.get(k) for k in ("index_size", "world_size")}
+                if not all(isinstance(v, int) and not isinstance(v, bool) for v in extra.values()):
+                    continue
+                entry.update(extra, sharded=True)
+            out[name] = entry
     return out
+
+
+def _describe_sharded(directory: str, name: str, st: os.stat_result) -> dict[str, Any] | None:
+    """The index entry of the sharded directory ``name`` (``st``: its index file's), read from its index."""
+    from .distributed._directory import describe
+
+    try:
+        d = describe(os.path.join(directory, name))
+    except (CheckpointError, OSError):
+        return None
+    return {"step": step_of(name), "file": name, "time": st.st_mtime, "size": d["size"],
+            "metadata": json_safe(d["metadata"]), "sharded": True, "index_size": st.st_size,
+            "world_size": d["world_size"]}
+
+
+def _stat(directory: str, de: os.DirEntry[str]) -> tuple[os.stat_result, bool] | None:
+    """The stat that dates a step entry (a sharded one's: its index file's) and whether it is sharded."""
+    from .distributed._index import INDEX_NAME as SHARDED_INDEX
+
+    if de.name.endswith(".ckpt"):
+        if not de.is_file(follow_symlinks=False):
+            return None
+        return de.stat(follow_symlinks=False), False
+    if not de.is_dir(follow_symlinks=False):
+        return None
+    return os.lstat(os.path.join(directory, de.name, SHARDED_INDEX)), True
 
 
 def _describe(directory: str, name: str, st: os.stat_result) -> dict[str, Any] | None:
@@ -102,10 +146,11 @@ def _describe(directory: str, name: str, st: os.stat_result) -> dict[str, Any] |
 
 def scan(directory: str | os.PathLike[str], cache: dict[str, dict[str, Any]] | None = None,
          ) -> tuple[list[dict[str, Any]], list[str]]:
-    """Every checkpoint file in ``directory`` (oldest step first) and the step files that are not checkpoints.
+    """Every checkpoint in ``directory`` (oldest step first) and the step names that are not checkpoints.
 
-    Entries come from ``cache`` (see :func:`read_cache`) when the file's size and time match it,
-    else from the file's own metadata.
+    Entries come from ``cache`` (see :func:`read_cache`) when the file's (a sharded directory's index
+    file's) size and time match it, else from the checkpoint itself. A step directory without a
+    committed index, and the older of a step saved both as a file and sharded, count as not checkpoints.
     """
     directory = os.fspath(directory)
     if cache is None:
@@ -116,23 +161,37 @@ def scan(directory: str | os.PathLike[str], cache: dict[str, dict[str, Any]] | N
         listing = list(os.scandir(directory))
     except FileNotFoundError:
         return good, bad
+    by_step: dict[int, dict[str, Any]] = {}
     for de in listing:
         if step_of(de.name) is None:
             continue
         try:
-            if not de.is_file(follow_symlinks=False):
-                continue
-            st = de.stat(follow_symlinks=False)
+            found = _stat(directory, de)
+        except FileNotFoundError:  # a step directory without an index: not (or no longer) committed
+            bad.append(de.name)
+            continue
         except OSError:
             continue
+        if found is None:
+            continue
+        st, sharded = found
         hit = cache.get(de.name)
-        entry = hit if hit is not None and hit["size"] == st.st_size and hit["time"] == st.st_mtime else \
-            _describe(directory, de.name, st)
+        if sharded:
+            fresh = hit is not None and hit.get("index_size") == st.st_size and hit["time"] == st.st_mtime
+            entry = hit if fresh else _describe_sharded(directory, de.name, st)
+        else:
+            fresh = hit is not None and hit["size"] == st.st_size and hit["time"] == st.st_mtime
+            entry = hit if fresh else _describe(directory, de.name, st)
         if entry is None:
             bad.append(de.name)
-        else:
-            good.append(entry)
-    good.sort(key=lambda e: e["step"])
+            continue
+        other = by_step.get(entry["step"])
+        if other is not None and (other["time"], other["file"]) > (entry["time"], entry["file"]):
+            entry, other = other, entry
+        if other is not None:
+            bad.append(other["file"])  # the same step saved twice: the newer one is the checkpoint
+        by_step[entry["step"]] = entry
+    good = sorted(by_step.values(), key=lambda e: e["step"])
     return good, bad
 
 

@@ -1,4 +1,4 @@
-"""A distributed checkpoint outside a process group: consolidate, verify, inspect, list, delete.
+"""A distributed checkpoint outside a process group: consolidate, verify, inspect (list and delete: ``_directory``).
 
 Torch-free: ``ckptfmt load/consolidate/verify/inspect`` of a sharded directory need only numpy.
 """
@@ -6,25 +6,33 @@ Torch-free: ``ckptfmt load/consolidate/verify/inspect`` of a sharded directory n
 from __future__ import annotations
 
 import os
-import shutil
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
 from .._api import save as _save
 from .._api import verify as _verify_file
 from ..errors import CheckpointError, CheckpointNotFoundError
-from ._index import INDEX_NAME, Index
+from ._directory import delete, list_checkpoints
+from ._index import Index
 from ._read import check_files, covered_exactly_once, nest, open_index, read_range, read_tensor
 from ._store import Location
 from ._values import decode_value
 
 
+def top_key(idx: Index, key: str) -> str | int:
+    """The top-level key of the state that DCP's flat ``key`` belongs to."""
+    path = idx.planner_data.get(key)
+    return path[0] if path else key.split(".", 1)[0]
+
+
 def consolidate(path: str | os.PathLike[str], out: str | os.PathLike[str] | None = None, *, nested: bool = True,
-                storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+                storage_options: dict[str, Any] | None = None,
+                only: Collection[str] | None = None) -> dict[str, Any]:
     """The full state of a sharded checkpoint as numpy arrays and plain values (written to ``out`` if given).
 
     ``nested`` rebuilds the structure DCP flattened (``{"model": {...}, "optim": {...}}``); otherwise
-    the keys are DCP's flat names.
+    the keys are DCP's flat names. ``only``: read just these top-level keys of the state.
     """
     loc = Location(path, storage_options=storage_options)
     try:
@@ -32,8 +40,11 @@ def consolidate(path: str | os.PathLike[str], out: str | os.PathLike[str] | None
         check_files(loc, idx)
         flat: dict[str, Any] = {}
         for key, rec in idx.tensors.items():
-            flat[key] = read_tensor(loc, idx, rec)
+            if only is None or top_key(idx, key) in only:
+                flat[key] = read_tensor(loc, idx, rec)
         for key, v in idx.values.items():
+            if only is not None and top_key(idx, key) not in only:
+                continue
             raw = read_range(loc, idx, v.extent, 0, v.extent.length, key=key)
             flat[key] = decode_value(raw.tobytes(), where=f"{loc.url}: value {key!r}")
     finally:
@@ -137,22 +148,4 @@ def inspect(path: str | os.PathLike[str], *, storage_options: dict[str, Any] | N
     }
 
 
-def list_checkpoints(root: str | os.PathLike[str]) -> list[str]:
-    """The committed sharded checkpoints directly under local directory ``root``, by name; attempts never show."""
-    r = os.fspath(root)
-    try:
-        names = sorted(os.listdir(r))
-    except FileNotFoundError:
-        return []
-    return [os.path.join(r, n) for n in names
-            if not n.startswith(".") and os.path.isfile(os.path.join(r, n, INDEX_NAME))]
-
-
-def delete(path: str | os.PathLike[str]) -> None:
-    """Delete a local sharded checkpoint: the index (its commit record) first, then its files."""
-    p = os.fspath(path)
-    idx = os.path.join(p, INDEX_NAME)
-    if not os.path.isfile(idx):
-        raise CheckpointNotFoundError(idx)
-    os.unlink(idx)
-    shutil.rmtree(p)
+__all__ = ["ShardedVerifyReport", "consolidate", "delete", "inspect", "list_checkpoints", "top_key", "verify"]

@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 
 from .._atomic import atomic_write
 from ..errors import CheckpointNotFoundError, MissingDependencyError
+from ._directory import hold_staging, old_path, release, staging_path
 from ._index import INDEX_NAME
 
 T = TypeVar("T")
@@ -79,9 +80,9 @@ class Location:
             self.staging = self.root
         else:
             self.root = os.path.abspath(self.url)
-            parent, base = os.path.split(self.root)
-            self.staging = os.path.join(parent, f".{base}.ckptfmt-staging")
-            self.old = os.path.join(parent, f".{base}.ckptfmt-old")
+            self.staging = staging_path(self.root)
+            self.old = old_path(self.root)
+        self._held: int | None = None  # the coordinator's lock on its staging directory (liveness)
         self.bytes_read = 0
         self._fds: dict[str, int] = {}
         self._lock = threading.Lock()
@@ -108,7 +109,8 @@ class Location:
         if not overwrite and os.path.exists(os.path.join(self.root, INDEX_NAME)):
             raise FileExistsError(f"{self.url}: a committed checkpoint exists (overwrite=False)")
         shutil.rmtree(self.staging, ignore_errors=True)
-        os.makedirs(self.staging, exist_ok=True)
+        release(self._held)
+        self._held = hold_staging(self.staging)  # held until the commit or abort is complete
 
     def put_container(self, name: str, write: Callable[[str], None]) -> None:
         """Let ``write(local_path)`` write container ``name``, then move it into the staging place."""
@@ -161,6 +163,8 @@ class Location:
         if durable:
             _fsync_dir(os.path.dirname(self.root))
         shutil.rmtree(self.old, ignore_errors=True)
+        release(self._held)
+        self._held = None
 
     def abort(self) -> None:
         """Remove a failed attempt: the staging directory (local) or the uncommitted prefix (remote)."""
@@ -170,6 +174,8 @@ class Location:
                     self.fs.rm(self.root, recursive=True)
             else:
                 shutil.rmtree(self.staging, ignore_errors=True)
+        release(self._held)
+        self._held = None
 
     # -- loading
     def read_index(self, max_bytes: int) -> bytes:
@@ -238,10 +244,14 @@ class Location:
                     os.close(fd)
             self._fds.clear()
 
+    def __del__(self) -> None:
+        release(getattr(self, "_held", None))
+
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state["_fds"] = {}
         state["_lock"] = None
+        state["_held"] = None
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
