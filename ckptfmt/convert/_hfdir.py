@@ -17,9 +17,10 @@ from collections.abc import Callable
 from typing import Any
 
 from ._errors import CorruptSourceError, UnknownFormatError, UnsupportedSourceError
+from ._hubcache import hub_blob
 
 __all__ = ["MAX_INDEX", "MAX_SIDE_FILE", "MAX_SIDE_TOTAL", "SIDE_FILES", "SIDE_KEY", "TORCH_WEIGHTS",
-           "find_torch_index", "hub_blob", "index_shard_format", "inside", "is_torch_dir", "read_index",
+           "find_torch_index", "index_shard_format", "inside", "is_torch_dir", "read_index",
            "read_side_files", "read_torch_sharded"]
 
 #: the single-file weights name of a torch model directory (transformers' WEIGHTS_NAME)
@@ -56,22 +57,6 @@ def inside(directory: str, name: str, *, what: str, cited: str) -> str:
     if os.path.dirname(full) != root:
         raise CorruptSourceError(cited, f"{what} {name!r} lies outside {directory} (a link to {full})")
     return full
-
-
-def hub_blob(root: str, full: str) -> bool:
-    """True if ``full`` is a regular file of the hub-cache repo whose snapshot directory is ``root`` (real paths).
-
-    huggingface_hub's cache keeps each repo as ``models--<org>--<name>/`` holding ``blobs/<hash>`` (the
-    files) and ``snapshots/<revision>/<file>`` (relative links ``../../blobs/<hash>``); a link of a
-    snapshot may so reach that one repo's ``blobs`` folder, and only a regular file directly in it.
-    """
-    snapshots = os.path.dirname(root)
-    repo = os.path.dirname(snapshots)
-    if os.path.basename(snapshots) != "snapshots" or not os.path.basename(repo).startswith("models--"):
-        return False
-    blobs = os.path.join(repo, "blobs")
-    return os.path.isdir(blobs) and not os.path.islink(blobs) and os.path.dirname(full) == blobs \
-        and os.path.isfile(full)
 
 
 def _depth_ok(obj: Any) -> bool:

@@ -17,7 +17,7 @@ from typing import Any
 from .._dtypes import DTYPES
 from ..errors import UnsupportedDTypeError
 from ._errors import CorruptSourceError, UnknownFormatError
-from ._hfdir import hub_blob
+from ._hubcache import hub_blob
 from ._lazy import FileArray
 
 __all__ = ["INDEX_SUFFIX", "find_index", "read_safetensors", "read_sharded", "sniff_header"]
