@@ -109,6 +109,10 @@ def _read(fmt: str, src: str, *, allow_pickle: bool) -> tuple[Any, dict[str, Any
         from ._dcp import read_dcp
 
         return read_dcp(src, allow_pickle=allow_pickle), {}
+    if fmt == "orbax":
+        from ._orbax import read_orbax
+
+        return read_orbax(src)
     raise ValueError(f"unknown source format {fmt!r}")  # detect() returns none other
 
 

@@ -15,6 +15,7 @@ from ._flax import looks_like_flax
 from ._hfdir import TORCH_WEIGHTS, index_shard_format, is_torch_dir
 from ._keras import is_keras
 from ._lightning import is_lightning
+from ._orbax import is_orbax_dir
 from ._safetensors import INDEX_SUFFIX, find_index, sniff_header
 from ._torchscript import is_torchscript
 
@@ -22,7 +23,7 @@ __all__ = ["FORMATS", "detect"]
 
 #: every format :func:`detect` can return, i.e. every source ``convert`` reads
 FORMATS = ("ckptfmt", "torch-zip", "torch-legacy", "torchscript", "lightning", "safetensors", "safetensors-sharded",
-           "torch-sharded", "npy", "npz", "hdf5", "dcp", "gguf", "keras", "flax-msgpack")
+           "torch-sharded", "npy", "npz", "hdf5", "dcp", "gguf", "keras", "flax-msgpack", "orbax")
 
 _NPY = b"\x93NUMPY"
 _HDF5 = b"\x89HDF\r\n\x1a\n"
@@ -91,6 +92,8 @@ def _detect_dir(p: str) -> str:
         return "safetensors-sharded"
     if is_torch_dir(p, detect):
         return "torch-sharded"
+    if is_orbax_dir(p):
+        return "orbax"
     hint = ""
     if METADATA_FILE in names:
         hint = " (it has a .metadata file but no *.distcp files: an incomplete DCP checkpoint?)"

@@ -1,0 +1,190 @@
+"""Orbax checkpoint directories (Flax/JAX ``PyTreeCheckpointHandler`` / ``StandardCheckpointer``), read without JAX.
+
+An Orbax pytree directory holds ``_METADATA`` (JSON: ``tree_metadata`` maps each leaf's key tuple to its
+``key_metadata``, a list of ``{"key", "key_type"}`` with key type 1 a sequence index and 2 a dict key,
+and its ``value_metadata.value_type``), ``_CHECKPOINT_METADATA`` (JSON: timestamps, metrics, custom
+metadata), ``_strings.json`` (the string leaves, by parameter name) and one array per array or scalar
+leaf, named by its parameter name (the keys joined by ``.``). Layouts read here:
+
+- ``use_ocdbt=False``: each array a zarr directory of its own (format 2 ``.zarray``, or format 3
+  ``zarr.json`` with ``use_zarr3=True``), read by :mod:`._zarr`;
+- leaf types: ``np.ndarray`` / ``jax.Array`` (arrays), ``scalar`` (a numpy scalar), ``string``,
+  and the empty ``None`` / ``Dict`` / ``List`` / ``Tuple`` markers.
+
+The OCDBT layout (``use_ocdbt=True``, Orbax's default: ``manifest.ocdbt`` and ``d/`` data files, one
+key-value database for all arrays) is refused with :class:`UnsupportedSourceError` saying how to
+re-save; so are CheckpointManager step directories (pass the item directory) and unfinished saves.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+
+from .._dtypes import numpy_dtype
+from ._errors import CorruptSourceError, UnsupportedSourceError
+from ._zarr import ZarrArray, open_zarr, parse_json_file
+
+__all__ = ["CHECKPOINT_METADATA", "METADATA", "ORBAX_KEY", "is_orbax_dir", "read_orbax"]
+
+METADATA = "_METADATA"
+CHECKPOINT_METADATA = "_CHECKPOINT_METADATA"
+STRINGS = "_strings.json"
+#: user-metadata key of the checkpoint's own metadata: ``{"checkpoint": _CHECKPOINT_METADATA, "custom": ...}``
+ORBAX_KEY = "orbax"
+_TMP_SUFFIX = ".orbax-checkpoint-tmp"
+_SEQUENCE, _DICT = 1, 2
+_ARRAYS = ("np.ndarray", "jax.Array", "scalar")
+_EMPTY = {"None": None, "Dict": dict, "List": list, "Tuple": list}
+_RESAVE_OCDBT = ("ckptfmt reads Orbax's per-array zarr layout only: restore the checkpoint with orbax and save it "
+                 "again with ocp.PyTreeCheckpointHandler(use_ocdbt=False) (or ocp.StandardCheckpointHandler("
+                 "use_ocdbt=False)), then convert that directory")
+
+
+def is_orbax_dir(path: str) -> bool:
+    """True if ``path`` is an Orbax checkpoint directory: a ``_METADATA`` or ``_CHECKPOINT_METADATA`` file."""
+    return os.path.isfile(os.path.join(path, METADATA)) or os.path.isfile(os.path.join(path, CHECKPOINT_METADATA))
+
+
+def _refuse_layout(path: str, names: list[str]) -> None:
+    if path.rstrip(os.sep).endswith(_TMP_SUFFIX):
+        raise CorruptSourceError(path, "an unfinished Orbax save (its directory still has the "
+                                       f"{_TMP_SUFFIX} suffix); convert a finished checkpoint")
+    if METADATA not in names:
+        items = sorted(n for n in names if os.path.isfile(os.path.join(path, n, METADATA)))
+        hint = f"; pass one of its item directories ({', '.join(items)})" if items else ""
+        raise UnsupportedSourceError(path, f"an Orbax checkpoint step directory without a pytree {METADATA} file"
+                                           f"{hint}")
+
+
+def _tree_entries(path: str, meta: Any) -> list[tuple[list[tuple[int, str | int]], str]]:
+    """[( [(key type, key), ...], value type ), ...] of ``_METADATA``'s ``tree_metadata``, checked."""
+    cited = os.path.join(path, METADATA)
+    tree = meta.get("tree_metadata") if isinstance(meta, dict) else None
+    if not isinstance(tree, dict):
+        raise CorruptSourceError(cited, "Orbax _METADATA: no \"tree_metadata\" object")
+    out = []
+    for name, entry in tree.items():
+        keys = entry.get("key_metadata") if isinstance(entry, dict) else None
+        value = entry.get("value_metadata") if isinstance(entry, dict) else None
+        if not isinstance(keys, list) or not keys or not isinstance(value, dict):
+            raise CorruptSourceError(cited, f"Orbax _METADATA: entry {name!r:.80} lacks key_metadata or value_metadata")
+        path_keys: list[tuple[int, str | int]] = []
+        for k in keys:
+            key, kind = (k.get("key"), k.get("key_type")) if isinstance(k, dict) else (None, None)
+            if not isinstance(key, str) or kind not in (_SEQUENCE, _DICT):
+                raise UnsupportedSourceError(cited, f"Orbax _METADATA: entry {name!r:.80} has a key {k!r:.80} that is "
+                                                    "neither a dict key nor a sequence index")
+            if kind == _SEQUENCE:
+                if not key.isdigit() or len(key) > 18:
+                    raise CorruptSourceError(cited, f"Orbax _METADATA: sequence index {key!r:.40} in {name!r:.80}")
+                path_keys.append((kind, int(key)))
+            else:
+                path_keys.append((kind, key))
+        vtype = value.get("value_type")
+        if not isinstance(vtype, str):
+            raise CorruptSourceError(cited, f"Orbax _METADATA: entry {name!r:.80} has no value_type")
+        out.append((path_keys, vtype))
+    return out
+
+
+def _assemble(path: str, leaves: list[tuple[list[tuple[int, str | int]], Any]]) -> dict[str, Any]:
+    """The nested tree of ``leaves``; sequences become lists (their indices must run 0..n-1)."""
+    cited = os.path.join(path, METADATA)
+    root: dict[Any, Any] = {}
+    kinds: dict[int, int] = {id(root): _DICT}
+    holders = [root]
+    for keys, value in leaves:
+        node = root
+        if keys[0][0] != _DICT:
+            raise UnsupportedSourceError(cited, "Orbax _METADATA: the tree's root is a sequence; ckptfmt stores a dict")
+        for depth, (kind, key) in enumerate(keys):
+            if kinds[id(node)] != kind:
+                raise CorruptSourceError(cited, f"Orbax _METADATA: {keys!r:.120} uses a node both as a dict and a "
+                                                "sequence")
+            last = depth == len(keys) - 1
+            if last:
+                if key in node:
+                    raise CorruptSourceError(cited, f"Orbax _METADATA: the leaf {keys!r:.120} is given twice")
+                node[key] = value
+            else:
+                child = node.get(key)
+                if child is None:
+                    child = {}
+                    kinds[id(child)] = keys[depth + 1][0]
+                    holders.append(child)
+                    node[key] = child
+                elif not isinstance(child, dict) or id(child) not in kinds:
+                    raise CorruptSourceError(cited, f"Orbax _METADATA: {keys!r:.120} runs through a leaf")
+                node = child
+
+    def finish(node: dict[Any, Any]) -> Any:
+        items = {k: finish(v) if isinstance(v, dict) and id(v) in kinds else v for k, v in node.items()}
+        if kinds[id(node)] == _SEQUENCE:
+            if sorted(items) != list(range(len(items))):
+                raise CorruptSourceError(cited, f"Orbax _METADATA: sequence indices {sorted(items)[:10]} do not run "
+                                                "0..n-1")
+            return [items[i] for i in range(len(items))]
+        return items
+
+    out = finish(root)
+    assert isinstance(out, dict)
+    return out
+
+
+def _scalar(array: ZarrArray) -> Any:
+    """A 0-d array leaf Orbax recorded as a scalar: a numpy scalar (0-d lazy array for bfloat16/float8)."""
+    if array.shape != ():
+        return array
+    data = b"".join(bytes(c) for c in array.chunks(1 << 20))
+    try:
+        return np.frombuffer(data, dtype=numpy_dtype(array.dtype).newbyteorder("<"))[0]
+    except (TypeError, ValueError):  # no ml_dtypes: keep the bytes as a 0-d array
+        return array
+
+
+def read_orbax(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(tree, user metadata) of an Orbax pytree checkpoint directory in the per-array zarr layout."""
+    names = os.listdir(path)
+    _refuse_layout(path, names)
+    root = os.path.realpath(path)
+    meta = parse_json_file(os.path.join(path, METADATA), "Orbax _METADATA")
+    if not isinstance(meta, dict):
+        raise CorruptSourceError(os.path.join(path, METADATA), "Orbax _METADATA is not a JSON object")
+    if meta.get("use_ocdbt") or "manifest.ocdbt" in names or any(n.startswith("ocdbt.process_") for n in names):
+        raise UnsupportedSourceError(path, f"an Orbax checkpoint in the OCDBT layout (manifest.ocdbt); {_RESAVE_OCDBT}")
+    entries = _tree_entries(path, meta)
+    strings: dict[str, Any] = {}
+    if any(v == "string" for _, v in entries):
+        if not os.path.isfile(os.path.join(path, STRINGS)):
+            raise CorruptSourceError(path, f"Orbax: string leaves but no {STRINGS}")
+        strings = parse_json_file(os.path.join(path, STRINGS), f"Orbax {STRINGS}")
+        if not isinstance(strings, dict):
+            raise CorruptSourceError(os.path.join(path, STRINGS), f"Orbax {STRINGS} is not a JSON object")
+    allow_missing = meta.get("store_array_data_equal_to_fill_value") is False
+    leaves: list[tuple[list[tuple[int, str | int]], Any]] = []
+    for keys, vtype in entries:
+        param = ".".join(str(k) for _, k in keys)
+        if vtype in _ARRAYS:
+            array = open_zarr(root, param, allow_missing=allow_missing)
+            value: Any = _scalar(array) if vtype == "scalar" else array
+        elif vtype == "string":
+            value = strings.get(param)
+            if not isinstance(value, str):
+                raise CorruptSourceError(os.path.join(path, STRINGS), f"Orbax: no string for leaf {param!r:.80}")
+        elif vtype in _EMPTY:
+            factory = _EMPTY[vtype]
+            value = factory() if factory is not None else None
+        else:
+            raise UnsupportedSourceError(path, f"Orbax: leaf {param!r:.80} has value type {vtype!r:.40}, which "
+                                               "ckptfmt does not read")
+        leaves.append((keys, value))
+    tree = _assemble(path, leaves)
+    user: dict[str, Any] = {}
+    if os.path.isfile(os.path.join(path, CHECKPOINT_METADATA)):
+        user["checkpoint"] = parse_json_file(os.path.join(path, CHECKPOINT_METADATA), "Orbax _CHECKPOINT_METADATA")
+    if meta.get("custom_metadata") is not None:
+        user["custom"] = meta["custom_metadata"]
+    return tree, ({ORBAX_KEY: user} if user else {})
