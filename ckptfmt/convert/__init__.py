@@ -9,8 +9,8 @@
 Sources (told apart by content, see :func:`detect`): ckptfmt itself, torch.save files (zip and
 legacy; numpy values allowed by name), TorchScript archives, PyTorch Lightning checkpoints, safetensors
 files, Hugging Face model directories (safetensors or torch shards, with their JSON side files), numpy
-.npy/.npz, HDF5, torch.distributed.checkpoint directories, GGUF files, Keras 3 ``.keras`` archives
-and Flax msgpack files.
+.npy/.npz, HDF5, torch.distributed.checkpoint directories, GGUF files, Keras 3 ``.keras`` archives,
+Flax msgpack files and Orbax checkpoint directories (OCDBT or per-array zarr).
 """
 
 from __future__ import annotations

@@ -6,14 +6,15 @@ and its ``value_metadata.value_type``), ``_CHECKPOINT_METADATA`` (JSON: timestam
 metadata), ``_strings.json`` (the string leaves, by parameter name) and one array per array or scalar
 leaf, named by its parameter name (the keys joined by ``.``). Layouts read here:
 
-- ``use_ocdbt=False``: each array a zarr directory of its own (format 2 ``.zarray``, or format 3
-  ``zarr.json`` with ``use_zarr3=True``), read by :mod:`._zarr`;
+- OCDBT (``use_ocdbt=True``, Orbax's default): one key-value database for all arrays
+  (``manifest.ocdbt``, ``d/`` data files, ``ocdbt.process_*/`` per-process databases it refers to),
+  read by :mod:`._ocdbt`; the arrays are zarr arrays under the keys ``<parameter name>/...``;
+- ``use_ocdbt=False``: each array a zarr directory of its own;
+- either way zarr format 2 (``.zarray``) or 3 (``zarr.json``, ``use_zarr3=True``), read by :mod:`._zarr`;
 - leaf types: ``np.ndarray`` / ``jax.Array`` (arrays), ``scalar`` (a numpy scalar), ``string``,
   and the empty ``None`` / ``Dict`` / ``List`` / ``Tuple`` markers.
 
-The OCDBT layout (``use_ocdbt=True``, Orbax's default: ``manifest.ocdbt`` and ``d/`` data files, one
-key-value database for all arrays) is refused with :class:`UnsupportedSourceError` saying how to
-re-save; so are CheckpointManager step directories (pass the item directory) and unfinished saves.
+CheckpointManager step directories (pass the item directory) and unfinished saves are refused.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ import numpy as np
 
 from .._dtypes import numpy_dtype
 from ._errors import CorruptSourceError, UnsupportedSourceError
-from ._zarr import ZarrArray, open_zarr, parse_json_file
+from ._ocdbt import MANIFEST, read_ocdbt
+from ._zarr import Store, ZarrArray, open_zarr, parse_json_file
 
 __all__ = ["CHECKPOINT_METADATA", "METADATA", "ORBAX_KEY", "is_orbax_dir", "read_orbax"]
 
@@ -38,9 +40,6 @@ _TMP_SUFFIX = ".orbax-checkpoint-tmp"
 _SEQUENCE, _DICT = 1, 2
 _ARRAYS = ("np.ndarray", "jax.Array", "scalar")
 _EMPTY = {"None": None, "Dict": dict, "List": list, "Tuple": list}
-_RESAVE_OCDBT = ("ckptfmt reads Orbax's per-array zarr layout only: restore the checkpoint with orbax and save it "
-                 "again with ocp.PyTreeCheckpointHandler(use_ocdbt=False) (or ocp.StandardCheckpointHandler("
-                 "use_ocdbt=False)), then convert that directory")
 
 
 def is_orbax_dir(path: str) -> bool:
@@ -153,8 +152,13 @@ def read_orbax(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
     meta = parse_json_file(os.path.join(path, METADATA), "Orbax _METADATA")
     if not isinstance(meta, dict):
         raise CorruptSourceError(os.path.join(path, METADATA), "Orbax _METADATA is not a JSON object")
-    if meta.get("use_ocdbt") or "manifest.ocdbt" in names or any(n.startswith("ocdbt.process_") for n in names):
-        raise UnsupportedSourceError(path, f"an Orbax checkpoint in the OCDBT layout (manifest.ocdbt); {_RESAVE_OCDBT}")
+    if MANIFEST in names:
+        store = Store(root, read_ocdbt(path))
+    elif meta.get("use_ocdbt") or any(n.startswith("ocdbt.process_") for n in names):
+        raise CorruptSourceError(path, f"an Orbax checkpoint in the OCDBT layout without its {MANIFEST} (an "
+                                       "unfinished save, or per-process databases never merged)")
+    else:
+        store = Store(root)
     entries = _tree_entries(path, meta)
     strings: dict[str, Any] = {}
     if any(v == "string" for _, v in entries):
@@ -168,7 +172,7 @@ def read_orbax(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
     for keys, vtype in entries:
         param = ".".join(str(k) for _, k in keys)
         if vtype in _ARRAYS:
-            array = open_zarr(root, param, allow_missing=allow_missing)
+            array = open_zarr(store, param, allow_missing=allow_missing)
             value: Any = _scalar(array) if vtype == "scalar" else array
         elif vtype == "string":
             value = strings.get(param)

@@ -1,16 +1,16 @@
 """Zarr arrays (format 2 ``.zarray`` and format 3 ``zarr.json``) as tensorstore writes them, read without zarr.
 
-An array is a directory: its JSON metadata and one file per chunk of a regular grid, named by the
-chunk's grid index (format 2: ``i.j`` or ``i/j``; format 3: ``c/i/j``, or ``i.j`` with the ``v2`` key
-encoding). Each chunk holds the chunk's full shape, edge chunks padded; a chunk file that is absent
-holds the fill value. Codecs read here: format 2 compressors ``zstd``, ``gzip`` and ``zlib`` (or none)
-without filters, byte order from the dtype, C or F chunk order; format 3 ``bytes`` (either endian),
-``zstd``, ``gzip``, ``crc32c`` (checked), and ``sharding_indexed`` (a shard file of inner chunks with
-an ``(offset, nbytes)`` index, at its end or start). Anything else (``blosc``, filters, ``transpose``,
-variable-size strings) is refused with :class:`UnsupportedSourceError` naming it.
+An array is a key prefix of a :class:`Store` (a directory of files, or the keys of an OCDBT database): its
+JSON metadata and one value per chunk of a regular grid, keyed by the chunk's grid index (format 2: ``i.j`` or
+``i/j``; format 3: ``c/i/j``, or ``i.j`` with the ``v2`` key encoding). Each chunk holds the chunk's full
+shape, edge chunks padded; a chunk that is absent holds the fill value. Codecs read here: format 2 compressors
+``zstd``, ``gzip`` and ``zlib`` (or none) without filters, byte order from the dtype, C or F chunk order;
+format 3 ``bytes`` (either endian), ``zstd``, ``gzip``, ``crc32c`` (checked), and ``sharding_indexed`` (a
+shard file of inner chunks with an ``(offset, nbytes)`` index, at its end or start). Anything else (``blosc``,
+filters, ``transpose``, variable-size strings) is refused with :class:`UnsupportedSourceError` naming it.
 
-Everything here is hostile: metadata is size-capped, every chunk file is a name built from integers
-under the array's directory whose real path must stay inside the checkpoint root, decoded chunks must
+Everything here is hostile: metadata is size-capped, every chunk key is built from integers under the
+array's prefix and, for files, its real path must stay inside the checkpoint root, decoded chunks must
 have exactly the size the metadata gives (a decompressor is never allowed to produce more), and shard
 indexes are checked against the shard's size before any chunk is read.
 """
@@ -24,7 +24,7 @@ import re
 import struct
 import zlib
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Union
 
 import numpy as np
 
@@ -32,7 +32,8 @@ from .._dtypes import DTYPES, DType
 from ._errors import CorruptSourceError, UnsupportedSourceError
 from ._lazy import LazyArray
 
-__all__ = ["MAX_META", "ZarrArray", "inside_root", "is_zarr_dir", "open_zarr", "parse_json_file"]
+__all__ = ["MAX_META", "Store", "Value", "ZarrArray", "crc32c", "inflate", "inside_root", "open_zarr",
+           "parse_json_file", "read_value", "value_size"]
 
 #: size cap of a ``.zarray`` / ``zarr.json`` / Orbax metadata file
 MAX_META = 64 << 20
@@ -73,9 +74,96 @@ def inside_root(root: str, rel: str, *, cited: str, what: str) -> str:
     return full
 
 
-def is_zarr_dir(path: str) -> bool:
-    """True if ``path`` holds a zarr array's metadata file."""
-    return os.path.isfile(os.path.join(path, ".zarray")) or os.path.isfile(os.path.join(path, "zarr.json"))
+#: where a stored value lies: its bytes, or (real path of a file, offset, length)
+Value = Union[bytes, tuple[str, int, int]]  # noqa: UP007 (a runtime alias on Python 3.10)
+
+
+class Store:
+    """Keys (``/``-separated) to values: the files under a directory, or the entries of an OCDBT database."""
+
+    def __init__(self, root: str, entries: dict[str, Value] | None = None) -> None:
+        #: the checkpoint directory (a real path)
+        self.root = root
+        self.entries = entries
+
+    def get(self, key: str, cited: str) -> Value | None:
+        """Where ``key``'s value lies; None if there is none."""
+        if self.entries is not None:
+            return self.entries.get(key)
+        full = inside_root(self.root, key, cited=cited, what="file")
+        if not os.path.lexists(full):
+            return None
+        if not os.path.isfile(full):
+            raise CorruptSourceError(full, "zarr: not a regular file")
+        return (full, 0, os.path.getsize(full))
+
+    def cited(self, key: str) -> str:
+        """The path an error names for ``key``."""
+        return os.path.join(self.root, key) if self.entries is None else f"{self.root} (OCDBT key {key!r})"
+
+    def stored_bytes(self, prefix: str) -> int:
+        """Bytes stored under ``prefix/`` (files: links not followed)."""
+        if self.entries is not None:
+            return sum(len(v) if isinstance(v, bytes) else v[2] for k, v in self.entries.items()
+                       if k.startswith(prefix + "/"))
+        total = 0
+        stack = [inside_root(self.root, prefix, cited=self.root, what="array directory")]
+        while stack:
+            with os.scandir(stack.pop()) as it:
+                for e in it:
+                    if e.is_dir(follow_symlinks=False):
+                        stack.append(e.path)
+                    elif e.is_file(follow_symlinks=False):
+                        total += e.stat(follow_symlinks=False).st_size
+        return total
+
+
+def value_size(value: Value) -> int:
+    """Bytes of a stored value."""
+    return len(value) if isinstance(value, bytes) else value[2]
+
+
+def read_value(value: Value, cited: str, start: int = 0, n: int | None = None) -> bytes:
+    """Bytes ``[start, start + n)`` of a stored value (all of it by default)."""
+    size = value_size(value)
+    n = size - start if n is None else n
+    if start < 0 or n < 0 or start + n > size:
+        raise CorruptSourceError(cited, f"zarr: bytes [{start}, {start + n}) of a value of {size}")
+    if isinstance(value, bytes):
+        return value[start : start + n]
+    path, offset, _ = value
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset + start)
+            data = f.read(n)
+    except OSError as e:
+        raise CorruptSourceError(cited, f"zarr: {path} cannot be read ({e})") from None
+    if len(data) != n:
+        raise CorruptSourceError(cited, f"zarr: {path} ends before the value does (truncated?)")
+    return data
+
+
+class _Range(io.RawIOBase):
+    """A file-like reader of bytes ``[offset, offset + length)`` of a file."""
+
+    def __init__(self, path: str, offset: int, length: int) -> None:
+        self.f = open(path, "rb")  # noqa: SIM115 (closed by close())
+        self.f.seek(offset)
+        self.left = length
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        n = min(len(b), self.left)
+        data = self.f.read(n)
+        b[: len(data)] = data
+        self.left -= len(data)
+        return len(data)
+
+    def close(self) -> None:
+        self.f.close()
+        super().close()
 
 
 def _ints(value: Any, n: int | None, what: str, cited: str, *, positive: bool) -> tuple[int, ...]:
@@ -152,7 +240,7 @@ def crc32c(data: bytes) -> int:
     return c ^ 0xFFFFFFFF
 
 
-def _inflate(data: bytes, codec: str, limit: int, cited: str) -> bytes:
+def inflate(data: bytes, codec: str, limit: int, cited: str) -> bytes:
     """``data`` decompressed by ``codec``, never producing more than ``limit`` bytes (more is corrupt)."""
     if codec == "zstd":
         from .._codec import zstd
@@ -187,9 +275,10 @@ def _inflate(data: bytes, codec: str, limit: int, cited: str) -> bytes:
     return bytes(out)
 
 
-def _pieces(file: str, codec: str | None, cited: str) -> Iterator[bytes]:
-    """The decoded bytes of a chunk file, ``_READ_STEP`` at a time (the caller bounds how many it takes)."""
-    with open(file, "rb") as f:
+def _pieces(value: Value, codec: str | None, cited: str) -> Iterator[bytes]:
+    """The decoded bytes of a stored chunk, ``_READ_STEP`` at a time (the caller bounds how many it takes)."""
+    raw: Any = io.BytesIO(value) if isinstance(value, bytes) else _Range(*value)
+    with raw as f:
         if codec is None:
             while piece := f.read(_READ_STEP):
                 yield piece
@@ -258,31 +347,26 @@ def _v3_chain(codecs: Any, cited: str) -> tuple[str, list[str], dict[str, Any] |
 class ZarrArray(LazyArray):
     """One zarr array, its chunks decoded a row of chunks at a time (memory: one row of the chunk grid)."""
 
-    def __init__(self, *, root: str, directory: str, rel: str, dtype: DType, shape: tuple[int, ...],
+    def __init__(self, *, store: Store, directory: str, rel: str, dtype: DType, shape: tuple[int, ...],
                  chunk: tuple[int, ...], order: str, chunk_order: str, codecs: list[str], key: Any,
                  fill: np.ndarray, allow_missing: bool, shard: tuple[tuple[int, ...], str, list[str], bool] | None
                  ) -> None:
-        self.root, self.directory, self.rel = root, directory, rel
+        self.store, self.directory, self.rel = store, directory, rel
         self.dtype, self.shape, self.chunk = dtype, shape, chunk
         self.order, self.chunk_order, self.codecs, self.key = order, chunk_order, codecs, key
         self.fill, self.allow_missing = fill, allow_missing
         #: (shard shape in chunks, index byte order, index codecs, index at end) for sharding_indexed arrays
         self.shard = shard
-        self._shard_cache: tuple[str, list[tuple[int, int]]] | None = None
+        self._shard_cache: tuple[Value, list[tuple[int, int]]] | None = None
 
     @property
     def _chunk_bytes(self) -> int:
         return math.prod(self.chunk) * self.dtype.itemsize
 
-    def _file(self, grid: tuple[int, ...]) -> str | None:
-        """The real path of the file of outer-grid index ``grid``; None if it does not exist."""
-        rel = f"{self.rel}/{self.key(grid)}" if self.rel else self.key(grid)
-        full = inside_root(self.root, rel, cited=self.directory, what="chunk file")
-        if not os.path.lexists(full):
-            return None
-        if not os.path.isfile(full):
-            raise CorruptSourceError(full, "zarr: a chunk is not a regular file")
-        return full
+    def _file(self, grid: tuple[int, ...]) -> tuple[Value | None, str]:
+        """(the stored chunk or shard of outer-grid index ``grid``, or None; the path errors name)."""
+        key = f"{self.rel}/{self.key(grid)}"
+        return self.store.get(key, self.directory), self.store.cited(key)
 
     def _decode(self, raw: bytes, codecs: list[str], cited: str) -> bytes:
         limit = self._chunk_bytes
@@ -292,70 +376,64 @@ class ZarrArray(LazyArray):
                     raise CorruptSourceError(cited, "zarr: a chunk fails its crc32c checksum")
                 raw = raw[:-4]
             else:
-                raw = _inflate(raw, name, limit, cited)
+                raw = inflate(raw, name, limit, cited)
         if len(raw) != limit:
             raise CorruptSourceError(cited, f"zarr: a chunk holds {len(raw)} bytes; its shape {list(self.chunk)} of "
                                             f"{self.dtype.name} needs {limit}")
         return raw
 
-    def _shard_index(self, file: str, n: int) -> list[tuple[int, int]]:
+    def _shard_index(self, shard: Value, cited: str, n: int) -> list[tuple[int, int]]:
         assert self.shard is not None
         _, order, index_codecs, at_end = self.shard
-        if self._shard_cache is not None and self._shard_cache[0] == file:
+        if self._shard_cache is not None and self._shard_cache[0] == shard:
             return self._shard_cache[1]
-        size = os.path.getsize(file)
+        size = value_size(shard)
         want = 16 * n + (4 if "crc32c" in index_codecs else 0)
         if want > size:
-            raise CorruptSourceError(file, f"zarr: a shard of {size} bytes cannot hold its index of {want} bytes")
-        with open(file, "rb") as f:
-            f.seek(size - want if at_end else 0)
-            raw = f.read(want)
+            raise CorruptSourceError(cited, f"zarr: a shard of {size} bytes cannot hold its index of {want} bytes")
+        raw = read_value(shard, cited, size - want if at_end else 0, want)
         if "crc32c" in index_codecs:
             if crc32c(raw[:-4]) != struct.unpack("<I", raw[-4:])[0]:
-                raise CorruptSourceError(file, "zarr: a shard index fails its crc32c checksum")
+                raise CorruptSourceError(cited, "zarr: a shard index fails its crc32c checksum")
             raw = raw[:-4]
         pairs = list(struct.iter_unpack(f"{order}QQ", raw))
         data_start, data_end = (0, size - want) if at_end else (want, size)
         for off, nb in pairs:
             if (off, nb) != (_MISSING, _MISSING) and not (data_start <= off and off + nb <= data_end):
-                raise CorruptSourceError(file, f"zarr: a shard index entry ({off}, {nb}) lies outside the shard's "
-                                               f"data [{data_start}, {data_end})")
-        self._shard_cache = (file, pairs)
+                raise CorruptSourceError(cited, f"zarr: a shard index entry ({off}, {nb}) lies outside the shard's "
+                                                f"data [{data_start}, {data_end})")
+        self._shard_cache = (shard, pairs)
         return pairs
 
     def _chunk_data(self, grid: tuple[int, ...]) -> np.ndarray | None:
         """Chunk ``grid`` (inner grid for sharded arrays) in C order, host dtype little-endian; None if absent."""
         if self.shard is None:
-            file = self._file(grid)
-            if file is None:
+            stored, cited = self._file(grid)
+            if stored is None:
                 self._missing(grid)
                 return None
-            size = os.path.getsize(file)
+            size = value_size(stored)
             if size > self._chunk_bytes * 2 + (1 << 20):  # no codec here expands its input by more
-                raise CorruptSourceError(file, f"zarr: a chunk file of {size} bytes for a chunk of {self._chunk_bytes}")
-            with open(file, "rb") as f:
-                raw = f.read()
-            cited = file
+                raise CorruptSourceError(cited, f"zarr: a stored chunk of {size} bytes for a chunk of "
+                                                f"{self._chunk_bytes}")
+            raw = read_value(stored, cited)
         else:
             per, _, _, _ = self.shard
             outer = tuple(g // p for g, p in zip(grid, per, strict=True))
             local = tuple(g % p for g, p in zip(grid, per, strict=True))
-            file = self._file(outer)
-            if file is None:
+            stored, cited = self._file(outer)
+            if stored is None:
                 self._missing(grid)
                 return None
-            pairs = self._shard_index(file, math.prod(per))
+            pairs = self._shard_index(stored, cited, math.prod(per))
             flat = int(np.ravel_multi_index(local, per)) if per else 0
             off, nb = pairs[flat]
             if (off, nb) == (_MISSING, _MISSING):
                 self._missing(grid)
                 return None
             if nb > self._chunk_bytes * 2 + (1 << 20):
-                raise CorruptSourceError(file, f"zarr: a shard entry of {nb} bytes for a chunk of {self._chunk_bytes}")
-            with open(file, "rb") as f:
-                f.seek(off)
-                raw = f.read(nb)
-            cited = file
+                raise CorruptSourceError(cited, f"zarr: a shard entry of {nb} bytes for a chunk of {self._chunk_bytes}")
+            raw = read_value(stored, cited, off, nb)
         data = self._decode(raw, self.codecs, cited)
         host = _host_dtype(self.dtype, self.order)
         arr = np.frombuffer(data, dtype=host).reshape(self.chunk, order="F" if self.chunk_order == "F" else "C")
@@ -411,8 +489,8 @@ class ZarrArray(LazyArray):
         rows = min(self.chunk[0], self.shape[0] - i0 * self.chunk[0])
         need = rows * math.prod(self.shape[1:]) * self.dtype.itemsize
         step = max(self.dtype.itemsize, (min(limit, _READ_STEP) // self.dtype.itemsize) * self.dtype.itemsize)
-        file = self._file((i0,) + (0,) * (self.ndim - 1))
-        if file is None:
+        stored, file = self._file((i0,) + (0,) * (self.ndim - 1))
+        if stored is None:
             self._missing((i0,) + (0,) * (self.ndim - 1))
             block = np.full(step // self.dtype.itemsize, self.fill, dtype=host).view(np.uint8)
             for start in range(0, need, step):
@@ -421,7 +499,7 @@ class ZarrArray(LazyArray):
         swap = self.order == ">" and self.dtype.itemsize > 1
         pending = bytearray()
         got = 0
-        for piece in _pieces(file, self.codecs[0] if self.codecs else None, file):
+        for piece in _pieces(stored, self.codecs[0] if self.codecs else None, file):
             got += len(piece)
             if got > self._chunk_bytes:
                 raise CorruptSourceError(file, f"zarr: a chunk decodes to more than the {self._chunk_bytes} bytes of "
@@ -441,46 +519,35 @@ class ZarrArray(LazyArray):
                                            f"{self.dtype.name} needs {self._chunk_bytes}")
 
 
-def _stored_bytes(directory: str) -> int:
-    """Bytes of the regular files under ``directory`` (links not followed)."""
-    total = 0
-    stack = [directory]
-    while stack:
-        with os.scandir(stack.pop()) as it:
-            for e in it:
-                if e.is_dir(follow_symlinks=False):
-                    stack.append(e.path)
-                elif e.is_file(follow_symlinks=False):
-                    total += e.stat(follow_symlinks=False).st_size
-    return total
-
-
 def _checked(array: ZarrArray) -> ZarrArray:
-    """``array``, unless it declares far more bytes than its files could decode to (a hostile shape)."""
+    """``array``, unless it declares far more bytes than its stored chunks could decode to (a hostile shape)."""
     from .._codec import MAX_RATIO
 
-    stored = _stored_bytes(array.directory)
+    stored = array.store.stored_bytes(array.rel)
     if array.nbytes > MAX_RATIO * stored + (64 << 20):
         raise UnsupportedSourceError(array.directory, f"zarr: the array declares {array.nbytes} bytes, over "
-                                                      f"{MAX_RATIO} times the {stored} bytes of its files")
+                                                      f"{MAX_RATIO} times the {stored} bytes stored for it")
     return array
 
 
-def open_zarr(root: str, rel: str, *, allow_missing: bool) -> ZarrArray:
-    """The zarr array in directory ``rel`` of checkpoint ``root`` (a real path)."""
-    directory = inside_root(root, rel, cited=root, what="array directory")
-    if not os.path.isdir(directory):
-        raise CorruptSourceError(root, f"array directory {rel!r} is missing")
-    v2, v3 = os.path.join(directory, ".zarray"), os.path.join(directory, "zarr.json")
-    if os.path.isfile(v2):
-        return _checked(_open_v2(root, rel, directory, parse_json_file(v2, "zarr .zarray"), allow_missing))
-    if os.path.isfile(v3):
-        return _checked(_open_v3(root, rel, directory, parse_json_file(v3, "zarr.json"), allow_missing))
-    raise CorruptSourceError(directory, "neither .zarray nor zarr.json: not a zarr array")
+def open_zarr(store: Store, rel: str, *, allow_missing: bool) -> ZarrArray:
+    """The zarr array under key prefix ``rel`` of ``store`` (a directory of the checkpoint, or OCDBT keys)."""
+    directory = store.cited(rel)
+    for name, opener in ((".zarray", _open_v2), ("zarr.json", _open_v3)):
+        value = store.get(f"{rel}/{name}", directory)
+        if value is not None:
+            cited = store.cited(f"{rel}/{name}")
+            if value_size(value) > MAX_META:
+                raise UnsupportedSourceError(cited, f"zarr {name} of {value_size(value)} bytes (cap {MAX_META})")
+            from ._safetensors import parse_json
+
+            meta = parse_json(read_value(value, cited), cited, f"zarr {name}")
+            return _checked(opener(store, rel, directory, meta, allow_missing))
+    raise CorruptSourceError(directory, f"the array {rel!r} has neither .zarray nor zarr.json (missing?)")
 
 
-def _open_v2(root: str, rel: str, directory: str, meta: Any, allow_missing: bool) -> ZarrArray:
-    cited = os.path.join(directory, ".zarray")
+def _open_v2(store: Store, rel: str, directory: str, meta: Any, allow_missing: bool) -> ZarrArray:
+    cited = store.cited(f"{rel}/.zarray")
     if not isinstance(meta, dict) or meta.get("zarr_format") != 2:
         raise CorruptSourceError(cited, "zarr: not a zarr_format 2 array")
     shape = _ints(meta.get("shape"), None, "shape", cited, positive=False)
@@ -508,13 +575,13 @@ def _open_v2(root: str, rel: str, directory: str, meta: Any, allow_missing: bool
     def key(grid: tuple[int, ...]) -> str:
         return sep.join(str(i) for i in grid) if grid else "0"
 
-    return ZarrArray(root=root, directory=directory, rel=rel, dtype=dtype, shape=shape, chunk=chunk or (),
+    return ZarrArray(store=store, directory=directory, rel=rel, dtype=dtype, shape=shape, chunk=chunk or (),
                      order=order, chunk_order=chunk_order, codecs=codecs, key=key,
                      fill=_fill(meta.get("fill_value"), dtype, cited), allow_missing=allow_missing, shard=None)
 
 
-def _open_v3(root: str, rel: str, directory: str, meta: Any, allow_missing: bool) -> ZarrArray:
-    cited = os.path.join(directory, "zarr.json")
+def _open_v3(store: Store, rel: str, directory: str, meta: Any, allow_missing: bool) -> ZarrArray:
+    cited = store.cited(f"{rel}/zarr.json")
     if not isinstance(meta, dict) or meta.get("zarr_format") != 3 or meta.get("node_type") != "array":
         raise CorruptSourceError(cited, "zarr: not a zarr_format 3 array")
     shape = _ints(meta.get("shape"), None, "shape", cited, positive=False)
@@ -561,7 +628,7 @@ def _open_v3(root: str, rel: str, directory: str, meta: Any, allow_missing: bool
             raise CorruptSourceError(cited, f"zarr: index_location {location!r:.20}")
         chunk = inner
         shard = (tuple(o // i for o, i in zip(outer, inner, strict=True)), index_order, index_after, location == "end")
-    return ZarrArray(root=root, directory=directory, rel=rel, dtype=dtype, shape=shape, chunk=chunk, order=order,
+    return ZarrArray(store=store, directory=directory, rel=rel, dtype=dtype, shape=shape, chunk=chunk, order=order,
                      chunk_order="C", codecs=codecs, key=key, fill=_fill(meta.get("fill_value"), dtype, cited),
                      allow_missing=allow_missing, shard=shard)
 

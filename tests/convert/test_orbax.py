@@ -24,10 +24,10 @@ from ckptfmt.convert import CorruptSourceError, UnsupportedSourceError, convert,
 
 DATA = Path(__file__).parent / "data" / "orbax"
 sys.path.insert(0, str(DATA))
-from generate import expected  # noqa: E402
+from generate import expected, kv_expected  # noqa: E402
 
 sys.path.remove(str(DATA))
-READABLE = ("zarr2", "zarr3", "codecs", "codecs3")
+READABLE = ("ocdbt", "ocdbt3", "zarr2", "zarr3", "codecs", "codecs3")
 
 
 def _sources() -> list[Any]:
@@ -62,6 +62,7 @@ def _check(got: dict[str, Any]) -> None:
     assert got["layers"][0]["w"].dtype == np.float16 and np.array_equal(got["layers"][0]["w"], want["layers"][0]["w"])
     assert got["layers"][1]["w"].dtype == np.bool_ and got["layers"][1]["w"].tolist() == [True, False]
     assert got["big"].dtype == np.int64 and np.array_equal(got["big"], want["big"])
+    assert got["noise"].dtype == np.uint32 and np.array_equal(got["noise"], want["noise"])
     assert got["step"] == 42 and got["lr"] == 0.25 and got["name"] == "run" and got["nothing"] is None
     assert type(got["count"]) is np.int32 and got["count"] == 7
 
@@ -95,11 +96,109 @@ def test_the_codec_variants_are_what_tensorstore_wrote(written: Path) -> None:
     assert sharded["codecs"][0]["name"] == "sharding_indexed"
 
 
-def test_ocdbt_is_refused_saying_how_to_resave(written: Path, tmp_path: Path) -> None:
-    assert detect(written / "ocdbt") == "orbax"
-    with pytest.raises(UnsupportedSourceError, match=r"OCDBT.*use_ocdbt=False"):
-        convert(written / "ocdbt", tmp_path / "o.ckpt")
+def test_the_ocdbt_layouts_hold_what_they_should(written: Path) -> None:
+    """The OCDBT checkpoints are databases (no per-array directories); zarr 3 values lie out of line."""
+    from ckptfmt.convert._ocdbt import read_ocdbt
+
+    for name in ("ocdbt", "ocdbt3"):
+        assert (written / name / "manifest.ocdbt").is_file() and not (written / name / "big").exists()
+    keys = read_ocdbt(str(written / "ocdbt3"))
+    assert "big/zarr.json" in keys and "params.dense.kernel/zarr.json" in keys
+    assert isinstance(keys["noise/c/0"], tuple) and "ocdbt.process_0" in keys["noise/c/0"][0]
+
+
+def test_an_ocdbt_btree_of_many_levels_reads_every_key(written: Path) -> None:
+    """A database tensorstore wrote with 256-byte nodes: every key, inline or out of line, reads back."""
+    from ckptfmt.convert import _ocdbt
+    from ckptfmt.convert._zarr import read_value
+
+    heights: list[int] = []
+    walk = _ocdbt._Db.walk
+
+    def spy(self: Any, *args: Any) -> None:
+        heights.append(args[5])
+        walk(self, *args)
+
+    _ocdbt._Db.walk = spy  # type: ignore[method-assign]
+    try:
+        got = _ocdbt.read_ocdbt(str(written / "kv"))
+    finally:
+        _ocdbt._Db.walk = walk  # type: ignore[method-assign]
+    assert max(heights) >= 2 and len(heights) > 10
+    assert {k: read_value(v, k) for k, v in got.items()} == kv_expected()
+    assert any(isinstance(v, tuple) for v in got.values()) and any(isinstance(v, bytes) for v in got.values())
+
+
+def _manifest(body: bytes) -> bytes:
+    """An encoded OCDBT manifest (uncompressed) around ``body``, with its length and crc32c."""
+    import struct
+
+    from ckptfmt.convert._zarr import crc32c
+
+    head = struct.pack(">I", 0x0CDB3A2A)
+    length = 4 + 8 + 2 + len(body) + 4
+    raw = head + struct.pack("<Q", length) + b"\0\0" + body
+    return raw + struct.pack("<I", crc32c(raw))
+
+
+def _varint(n: int) -> bytes:
+    out = b""
+    while True:
+        out += bytes([(n & 0x7F) | (0x80 if n > 0x7F else 0)])
+        n >>= 7
+        if not n:
+            return out
+
+
+def _manifest_naming(path: bytes, length: int = 40) -> bytes:
+    """A manifest whose one version's root node lies in the data file ``path``."""
+    config = b"\1" * 16 + b"\0" + _varint(16) + _varint(1 << 20) + b"\4" + b"\0"
+    table = _varint(1) + _varint(len(path)) + _varint(0) + path
+    versions = _varint(1) + _varint(1) + b"\0" + _varint(0) + _varint(0) + _varint(length) + b"\0\0\0" + b"\0" * 8
+    return _manifest(config + table + versions + _varint(0))
+
+
+@pytest.mark.parametrize("path", [b"../outside", b"/etc/passwd", b"d/../../x", b"link"])
+def test_ocdbt_data_files_cannot_leave_the_directory(written: Path, tmp_path: Path, path: bytes) -> None:
+    src = _copy(written, "ocdbt", tmp_path)
+    (tmp_path / "outside").write_bytes(b"\0" * 64)
+    os.symlink(tmp_path / "outside", src / "link")
+    (src / "manifest.ocdbt").write_bytes(_manifest_naming(path))
+    with pytest.raises(CorruptSourceError, match=r"inside the checkpoint|outside"):
+        convert(src, tmp_path / "o.ckpt")
+
+
+def test_hostile_ocdbt_manifests_and_nodes(written: Path, tmp_path: Path) -> None:
+    src = _copy(written, "ocdbt", tmp_path)
+    manifest = src / "manifest.ocdbt"
+    good = manifest.read_bytes()
+    manifest.write_bytes(good[:-1] + bytes([good[-1] ^ 1]))
+    with pytest.raises(CorruptSourceError, match="crc32c"):
+        convert(src, tmp_path / "o.ckpt")
+    manifest.write_bytes(good[:20])
+    with pytest.raises(CorruptSourceError):
+        convert(src, tmp_path / "o.ckpt")
+    data = next((src / "d").iterdir())
+    manifest.write_bytes(_manifest_naming(f"d/{data.name}".encode(), length=data.stat().st_size + 100))
+    with pytest.raises(CorruptSourceError, match="data file"):  # a node running past its file
+        convert(src, tmp_path / "o.ckpt")
+    manifest.write_bytes(_manifest_naming(b"d/missing"))
+    with pytest.raises(CorruptSourceError):
+        convert(src, tmp_path / "o.ckpt")
+    raw = bytearray(data.read_bytes())
+    raw[20] ^= 0xFF
+    data.write_bytes(bytes(raw))
+    manifest.write_bytes(good)
+    with pytest.raises(CorruptSourceError):
+        convert(src, tmp_path / "o.ckpt")
     assert not (tmp_path / "o.ckpt").exists()
+
+
+def test_an_ocdbt_checkpoint_without_its_manifest_is_refused(written: Path, tmp_path: Path) -> None:
+    src = _copy(written, "ocdbt", tmp_path)
+    (src / "manifest.ocdbt").unlink()
+    with pytest.raises(CorruptSourceError, match=r"manifest\.ocdbt"):
+        convert(src, tmp_path / "o.ckpt")
 
 
 def test_blosc_is_refused_naming_the_codec(written: Path, tmp_path: Path) -> None:

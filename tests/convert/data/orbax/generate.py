@@ -3,10 +3,13 @@
     JAX_PLATFORMS=cpu python generate.py OUT_DIR
 
 OUT_DIR/zarr2: PyTreeCheckpointHandler(use_ocdbt=False) (zarr 2, zstd); OUT_DIR/zarr3: the same with
-use_zarr3=True (zarr 3, sharding_indexed + zstd + crc32c index); OUT_DIR/ocdbt: the default OCDBT
-layout (refused by ckptfmt); OUT_DIR/codecs and OUT_DIR/codecs3: use_ocdbt=False checkpoints (zarr 2,
-zarr 3) some of whose arrays tensorstore then rewrites with other codecs and chunkings (zlib, gzip,
-none, F order, big-endian, many chunks); OUT_DIR/blosc: one array rewritten with blosc (refused).
+use_zarr3=True (zarr 3, sharding_indexed + zstd + crc32c index); OUT_DIR/ocdbt: the default OCDBT layout (zarr
+2 arrays as keys of one database); OUT_DIR/ocdbt3: OCDBT with zarr 3 (large values out of line in the
+per-process data files); OUT_DIR/kv: a bare tensorstore OCDBT database with 200 keys and tiny nodes (a B+tree
+of height > 1, inline and out-of-line values; see ``kv_expected()``); OUT_DIR/codecs and OUT_DIR/codecs3:
+use_ocdbt=False checkpoints (zarr 2, zarr 3) some of whose arrays tensorstore then rewrites with other codecs
+and chunkings (zlib, gzip, none, F order, big-endian, many chunks); OUT_DIR/blosc: one array rewritten with
+blosc (refused).
 Values are deterministic: see ``expected()``, which the test imports.
 """
 
@@ -26,8 +29,14 @@ def expected() -> dict:
                    "embed": np.arange(6, dtype=np.float32).reshape(2, 3)},  # written as bfloat16
         "layers": [{"w": np.full((2, 2), 0.5, np.float16)}, {"w": np.array([True, False])}],
         "big": np.arange(300, dtype=np.int64).reshape(10, 30) * 3,
+        "noise": (np.arange(600, dtype=np.uint64) * 2654435761 % 4294967291).astype(np.uint32),  # incompressible
         "step": 42, "lr": 0.25, "count": np.int32(7), "name": "run", "nothing": None,
     }
+
+
+def kv_expected() -> dict[str, bytes]:
+    """The keys and values of OUT_DIR/kv."""
+    return {f"k{i:04d}/x": (f"v{i}" * (i % 13)).encode() for i in range(200)}
 
 
 def _rewrite(ts, path: str, value: np.ndarray, **spec) -> None:
@@ -56,7 +65,7 @@ def main(out: str) -> None:
     tree = expected()
     tree["params"]["embed"] = jnp.asarray(tree["params"]["embed"], dtype=jnp.bfloat16)
     for name, kwargs in (("zarr2", {"use_ocdbt": False}), ("zarr3", {"use_ocdbt": False, "use_zarr3": True}),
-                         ("ocdbt", {}), ("codecs", {"use_ocdbt": False}),
+                         ("ocdbt", {}), ("ocdbt3", {"use_zarr3": True}), ("codecs", {"use_ocdbt": False}),
                          ("codecs3", {"use_ocdbt": False, "use_zarr3": True}), ("blosc", {"use_ocdbt": False})):
         ckptr = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(**kwargs))
         ckptr.save(os.path.join(out, name), args=ocp.args.PyTreeSave(tree))
@@ -75,8 +84,14 @@ def main(out: str) -> None:
     _rewrite(ts, os.path.join(codecs3, "params.dense.kernel"), want["params"]["dense"]["kernel"], chunks=[2, 2],
              codecs=[{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "zstd"}, {"name": "crc32c"}])
     _rewrite(ts, os.path.join(out, "blosc", "layers.0.w"), want["layers"][0]["w"], compressor={"id": "blosc"})
+    kv = ts.KvStore.open({"driver": "ocdbt", "base": f"file://{os.path.abspath(out)}/kv/",
+                          "config": {"max_decoded_node_bytes": 256, "max_inline_value_bytes": 16}}).result()
+    txn = ts.Transaction()
+    for key, value in kv_expected().items():
+        kv.with_transaction(txn)[key] = value
+    txn.commit_async().result()
     for leftover in ("commit_success.txt",):  # it records the absolute path written to
-        for name in ("zarr2", "zarr3", "ocdbt", "codecs", "codecs3", "blosc"):
+        for name in ("zarr2", "zarr3", "ocdbt", "ocdbt3", "codecs", "codecs3", "blosc"):
             p = os.path.join(out, name, leftover)
             if os.path.exists(p):
                 os.remove(p)
