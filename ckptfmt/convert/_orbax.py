@@ -12,7 +12,10 @@ leaf, named by its parameter name (the keys joined by ``.``). Layouts read here:
 - ``use_ocdbt=False``: each array a zarr directory of its own;
 - either way zarr format 2 (``.zarray``) or 3 (``zarr.json``, ``use_zarr3=True``), read by :mod:`._zarr`;
 - leaf types: ``np.ndarray`` / ``jax.Array`` (arrays), ``scalar`` (a numpy scalar), ``string``,
-  and the empty ``None`` / ``Dict`` / ``List`` / ``Tuple`` markers.
+  and the empty ``None`` / ``Dict`` / ``List`` / ``Tuple`` markers;
+- older Orbax's aggregate ``checkpoint`` file (msgpack, read by :mod:`._flax`): the tree with small
+  values kept in it and the others as ``PLACEHOLDER://<parameter name>``; without ``_METADATA`` it is
+  the tree (sequences then stay ``{"0": ...}`` dicts, as Flax's state dicts have them).
 
 CheckpointManager step directories (pass the item directory) and unfinished saves are refused.
 """
@@ -26,14 +29,19 @@ import numpy as np
 
 from .._dtypes import numpy_dtype
 from ._errors import CorruptSourceError, UnsupportedSourceError
+from ._flax import read_flax
+from ._lazy import LazyArray
 from ._ocdbt import MANIFEST, read_ocdbt
 from ._zarr import Store, ZarrArray, open_zarr, parse_json_file
 
-__all__ = ["CHECKPOINT_METADATA", "METADATA", "ORBAX_KEY", "is_orbax_dir", "read_orbax"]
+__all__ = ["AGGREGATE", "CHECKPOINT_METADATA", "METADATA", "ORBAX_KEY", "PLACEHOLDER", "is_orbax_dir", "read_orbax"]
 
 METADATA = "_METADATA"
 CHECKPOINT_METADATA = "_CHECKPOINT_METADATA"
 STRINGS = "_strings.json"
+#: the msgpack file of older Orbax: the tree, each leaf a value or ``PLACEHOLDER://<parameter name>``
+AGGREGATE = "checkpoint"
+PLACEHOLDER = "PLACEHOLDER://"
 #: user-metadata key of the checkpoint's own metadata: ``{"checkpoint": _CHECKPOINT_METADATA, "custom": ...}``
 ORBAX_KEY = "orbax"
 _TMP_SUFFIX = ".orbax-checkpoint-tmp"
@@ -43,15 +51,37 @@ _EMPTY = {"None": None, "Dict": dict, "List": list, "Tuple": list}
 
 
 def is_orbax_dir(path: str) -> bool:
-    """True if ``path`` is an Orbax checkpoint directory: a ``_METADATA`` or ``_CHECKPOINT_METADATA`` file."""
-    return os.path.isfile(os.path.join(path, METADATA)) or os.path.isfile(os.path.join(path, CHECKPOINT_METADATA))
+    """True if ``path`` is an Orbax checkpoint directory: a ``_METADATA`` or ``_CHECKPOINT_METADATA`` file, or
+    an aggregate ``checkpoint`` file that is a msgpack tree with placeholders or arrays (older Orbax)."""
+    if os.path.isfile(os.path.join(path, METADATA)) or os.path.isfile(os.path.join(path, CHECKPOINT_METADATA)):
+        return True
+    file = os.path.join(path, AGGREGATE)
+    if not os.path.isfile(file):
+        return False
+    with open(file, "rb") as f:
+        head = f.read(1)
+    if not head or not (0x80 <= head[0] <= 0x8F or head[0] in (0xDE, 0xDF)):
+        return False
+    try:
+        stack: list[Any] = [read_flax(file)]
+    except (CorruptSourceError, UnsupportedSourceError, OSError):
+        return False
+    while stack:
+        node = stack.pop()
+        if _placeholder(node) is not None or isinstance(node, (LazyArray, np.generic)):
+            return True
+        if isinstance(node, dict):
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return False
 
 
 def _refuse_layout(path: str, names: list[str]) -> None:
     if path.rstrip(os.sep).endswith(_TMP_SUFFIX):
         raise CorruptSourceError(path, "an unfinished Orbax save (its directory still has the "
                                        f"{_TMP_SUFFIX} suffix); convert a finished checkpoint")
-    if METADATA not in names:
+    if METADATA not in names and AGGREGATE not in names:
         items = sorted(n for n in names if os.path.isfile(os.path.join(path, n, METADATA)))
         hint = f"; pass one of its item directories ({', '.join(items)})" if items else ""
         raise UnsupportedSourceError(path, f"an Orbax checkpoint step directory without a pytree {METADATA} file"
@@ -144,14 +174,58 @@ def _scalar(array: ZarrArray) -> Any:
         return array
 
 
+def _aggregate(path: str) -> dict[Any, Any] | None:
+    """The tree of the aggregate ``checkpoint`` msgpack file (older Orbax), None if there is none."""
+    file = os.path.join(path, AGGREGATE)
+    if not os.path.isfile(file):
+        return None
+    try:
+        return read_flax(file)
+    except CorruptSourceError as e:
+        raise CorruptSourceError(file, f"Orbax aggregate file: {e}") from None
+
+
+def _placeholder(value: Any) -> str | None:
+    """The parameter name of a ``PLACEHOLDER://<name>`` leaf (the value is stored as an array of that name)."""
+    if isinstance(value, str) and value.startswith(PLACEHOLDER):
+        return value[len(PLACEHOLDER) :]
+    return None
+
+
+def _aggregated(aggregate: dict[Any, Any] | None, keys: list[tuple[int, str | int]]) -> tuple[bool, Any]:
+    """(found, value) of the leaf at ``keys`` in the aggregate tree (sequence indices are str keys there)."""
+    node: Any = aggregate
+    for _, key in keys:
+        if not isinstance(node, dict) or str(key) not in node:
+            return False, None
+        node = node[str(key)]
+    return (False, None) if _placeholder(node) is not None or isinstance(node, dict) else (True, node)
+
+
+def _resolve(store: Store, node: Any) -> Any:
+    """The aggregate tree with each placeholder replaced by its stored array (no ``_METADATA``: older Orbax).
+
+    The tree is at most as deep as the msgpack reader allows (64).
+    """
+    if isinstance(node, dict):
+        return {k: _resolve(store, v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_resolve(store, v) for v in node]
+    name = _placeholder(node)
+    return open_zarr(store, name, allow_missing=False) if name is not None else node
+
+
 def read_orbax(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(tree, user metadata) of an Orbax pytree checkpoint directory in the per-array zarr layout."""
+    """(tree, user metadata) of an Orbax pytree checkpoint directory (OCDBT or per-array zarr)."""
     names = os.listdir(path)
     _refuse_layout(path, names)
     root = os.path.realpath(path)
-    meta = parse_json_file(os.path.join(path, METADATA), "Orbax _METADATA")
-    if not isinstance(meta, dict):
-        raise CorruptSourceError(os.path.join(path, METADATA), "Orbax _METADATA is not a JSON object")
+    aggregate = _aggregate(path)
+    meta: Any = {}
+    if METADATA in names:
+        meta = parse_json_file(os.path.join(path, METADATA), "Orbax _METADATA")
+        if not isinstance(meta, dict):
+            raise CorruptSourceError(os.path.join(path, METADATA), "Orbax _METADATA is not a JSON object")
     if MANIFEST in names:
         store = Store(root, read_ocdbt(path))
     elif meta.get("use_ocdbt") or any(n.startswith("ocdbt.process_") for n in names):
@@ -159,6 +233,14 @@ def read_orbax(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
                                        "unfinished save, or per-process databases never merged)")
     else:
         store = Store(root)
+    user: dict[str, Any] = {}
+    if os.path.isfile(os.path.join(path, CHECKPOINT_METADATA)):
+        user["checkpoint"] = parse_json_file(os.path.join(path, CHECKPOINT_METADATA), "Orbax _CHECKPOINT_METADATA")
+    if meta.get("custom_metadata") is not None:
+        user["custom"] = meta["custom_metadata"]
+    if METADATA not in names:
+        assert aggregate is not None  # _refuse_layout
+        return _resolve(store, aggregate), ({ORBAX_KEY: user} if user else {})
     entries = _tree_entries(path, meta)
     strings: dict[str, Any] = {}
     if any(v == "string" for _, v in entries):
@@ -169,11 +251,16 @@ def read_orbax(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
             raise CorruptSourceError(os.path.join(path, STRINGS), f"Orbax {STRINGS} is not a JSON object")
     allow_missing = meta.get("store_array_data_equal_to_fill_value") is False
     leaves: list[tuple[list[tuple[int, str | int]], Any]] = []
+    value: Any
     for keys, vtype in entries:
         param = ".".join(str(k) for _, k in keys)
+        found, value = _aggregated(aggregate, keys)
+        if found:  # a value older Orbax kept in the aggregate file
+            leaves.append((keys, value))
+            continue
         if vtype in _ARRAYS:
             array = open_zarr(store, param, allow_missing=allow_missing)
-            value: Any = _scalar(array) if vtype == "scalar" else array
+            value = _scalar(array) if vtype == "scalar" else array
         elif vtype == "string":
             value = strings.get(param)
             if not isinstance(value, str):
@@ -186,9 +273,4 @@ def read_orbax(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
                                                "ckptfmt does not read")
         leaves.append((keys, value))
     tree = _assemble(path, leaves)
-    user: dict[str, Any] = {}
-    if os.path.isfile(os.path.join(path, CHECKPOINT_METADATA)):
-        user["checkpoint"] = parse_json_file(os.path.join(path, CHECKPOINT_METADATA), "Orbax _CHECKPOINT_METADATA")
-    if meta.get("custom_metadata") is not None:
-        user["custom"] = meta["custom_metadata"]
     return tree, ({ORBAX_KEY: user} if user else {})

@@ -513,7 +513,7 @@ class ZarrArray(LazyArray):
                     del pending[:n]
                     if swap:
                         out = out.view(host.newbyteorder(">")).byteswap().view(np.uint8)
-                    yield out[: min(limit, n)] if n <= limit else out
+                    yield out
         if got != self._chunk_bytes:
             raise CorruptSourceError(file, f"zarr: a chunk holds {got} bytes; its shape {list(self.chunk)} of "
                                            f"{self.dtype.name} needs {self._chunk_bytes}")

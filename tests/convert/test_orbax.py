@@ -311,3 +311,36 @@ def test_orbax_directories_are_told_by_content(written: Path, tmp_path: Path) ->
     (src / "_CHECKPOINT_METADATA").unlink()
     with pytest.raises(ckptfmt.convert.UnknownFormatError):
         detect(src)
+
+
+def test_the_older_aggregate_layout_converts(written: Path, tmp_path: Path) -> None:
+    """No _METADATA: the `checkpoint` msgpack tree, its placeholders replaced by the zarr arrays they name."""
+    src = _copy(written, "legacy", tmp_path)
+    (src / "_CHECKPOINT_METADATA").unlink()  # told by the aggregate file alone
+    assert detect(src) == "orbax"
+    convert(src, tmp_path / "o.ckpt")
+    got = ckptfmt.load(tmp_path / "o.ckpt", backend="numpy")
+    got["layers"] = [got["layers"]["0"], got["layers"]["1"]]  # without _METADATA sequences stay {"0": ...}
+    _check(got)
+
+
+def test_aggregated_values_win_over_missing_arrays(written: Path, tmp_path: Path) -> None:
+    """With _METADATA too, a leaf whose value sits in the aggregate file is taken from there."""
+    src = _copy(written, "legacy", tmp_path)
+    shutil.copy(written / "zarr2" / "_METADATA", src / "_METADATA")
+    shutil.copy(written / "zarr2" / "_strings.json", src / "_strings.json")
+    convert(src, tmp_path / "o.ckpt")
+    _check(ckptfmt.load(tmp_path / "o.ckpt", backend="numpy"))
+
+
+@pytest.mark.parametrize("name", ["../outside", "/abs", ""])
+def test_placeholders_cannot_leave_the_directory(written: Path, tmp_path: Path, name: str) -> None:
+    src = _copy(written, "legacy", tmp_path)
+    data = (src / "checkpoint").read_bytes()
+    old = b"PLACEHOLDER://big"
+    new = f"PLACEHOLDER://{name}".encode()
+    assert len(old) < 32 and len(new) < 32  # both fixstr: the length is one byte
+    data = data.replace(bytes([0xA0 | len(old)]) + old, bytes([0xA0 | len(new)]) + new)
+    (src / "checkpoint").write_bytes(data)
+    with pytest.raises(CorruptSourceError, match=r"inside the checkpoint|outside"):
+        convert(src, tmp_path / "o.ckpt")

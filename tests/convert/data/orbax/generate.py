@@ -57,6 +57,33 @@ def _rewrite(ts, path: str, value: np.ndarray, **spec) -> None:
     store.write(value).result()
 
 
+def _legacy(out: str) -> None:
+    """OUT_DIR/legacy: the layout of older Orbax, which the installed one still restores: no ``_METADATA``, and a
+    ``checkpoint`` msgpack file (orbax's own msgpack_utils) holding the tree, small leaves aggregated in it and
+    the others as ``PLACEHOLDER://<name>`` of their zarr arrays (those of a use_ocdbt=False save)."""
+    import shutil
+
+    import orbax.checkpoint as ocp
+    from orbax.checkpoint import msgpack_utils
+
+    dst = os.path.join(out, "legacy")
+    shutil.copytree(os.path.join(out, "zarr2"), dst)
+    for name in ("_METADATA", "_strings.json", "count", "lr", "step", "layers.1.w"):
+        p = os.path.join(dst, name)
+        shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
+    want = expected()
+    tree = {"params": {"dense": {"kernel": "PLACEHOLDER://params.dense.kernel",
+                                 "bias": "PLACEHOLDER://params.dense.bias"}, "embed": "PLACEHOLDER://params.embed"},
+            "layers": {"0": {"w": "PLACEHOLDER://layers.0.w"}, "1": {"w": want["layers"][1]["w"]}},
+            "big": "PLACEHOLDER://big", "noise": "PLACEHOLDER://noise",
+            "step": 42, "lr": 0.25, "count": np.int32(7), "name": "run", "nothing": None}
+    with open(os.path.join(dst, "checkpoint"), "wb") as f:
+        f.write(msgpack_utils.msgpack_serialize(tree))
+    restored = ocp.PyTreeCheckpointer().restore(dst)  # orbax itself reads it back
+    assert np.array_equal(restored["big"], want["big"]) and restored["count"] == 7 and restored["name"] == "run"
+    assert np.array_equal(restored["layers"]["1"]["w"], want["layers"][1]["w"])
+
+
 def main(out: str) -> None:
     import jax.numpy as jnp
     import orbax.checkpoint as ocp
@@ -90,8 +117,9 @@ def main(out: str) -> None:
     for key, value in kv_expected().items():
         kv.with_transaction(txn)[key] = value
     txn.commit_async().result()
+    _legacy(out)
     for leftover in ("commit_success.txt",):  # it records the absolute path written to
-        for name in ("zarr2", "zarr3", "ocdbt", "ocdbt3", "codecs", "codecs3", "blosc"):
+        for name in ("zarr2", "zarr3", "ocdbt", "ocdbt3", "codecs", "codecs3", "blosc", "legacy"):
             p = os.path.join(out, name, leftover)
             if os.path.exists(p):
                 os.remove(p)
