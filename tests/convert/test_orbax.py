@@ -12,12 +12,15 @@ import os
 import shutil
 import subprocess
 import sys
+import uuid
 import zlib
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import ckptfmt
 from ckptfmt.convert import CorruptSourceError, UnsupportedSourceError, convert, detect
@@ -344,3 +347,82 @@ def test_placeholders_cannot_leave_the_directory(written: Path, tmp_path: Path, 
     (src / "checkpoint").write_bytes(data)
     with pytest.raises(CorruptSourceError, match=r"inside the checkpoint|outside"):
         convert(src, tmp_path / "o.ckpt")
+
+
+_FUZZ = settings(max_examples=60, deadline=None, derandomize=True,
+                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+
+
+@_FUZZ
+@given(layout=st.sampled_from(["ocdbt", "ocdbt3", "zarr3", "codecs", "legacy"]), pick=st.integers(0, 1 << 30),
+       edits=st.lists(st.tuples(st.integers(0, 1 << 30), st.integers(0, 255)), min_size=1, max_size=4),
+       cut=st.one_of(st.none(), st.integers(0, 1 << 30)))
+def test_mutated_checkpoints_give_data_or_a_typed_error(tmp_path: Path, layout: str, pick: int,
+                                                        edits: list[tuple[int, int]], cut: int | None) -> None:
+    """Bytes flipped or cut in any file (manifest, nodes, shards, chunks, metadata): data or a CheckpointError."""
+    src = DATA / "written" / layout
+    work = tmp_path / f"m{uuid.uuid4().hex}"  # tmp_path is shared by the examples
+    shutil.copytree(src, work)
+    files = sorted(p for p in work.rglob("*") if p.is_file())
+    target = files[pick % len(files)]
+    data = bytearray(target.read_bytes())
+    for offset, byte in edits:
+        if data:
+            data[offset % len(data)] = byte
+    if cut is not None and data:
+        del data[cut % len(data):]
+    target.write_bytes(bytes(data))
+    try:
+        convert(work, work.with_suffix(".ckpt"))
+    except ckptfmt.CheckpointError:
+        pass
+    finally:
+        shutil.rmtree(work)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorstore") is None, reason="needs tensorstore to write the arrays")
+@settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(shape=st.lists(st.integers(0, 9), min_size=0, max_size=3), data=st.data(),
+       dtype=st.sampled_from(["<f4", ">f8", "<i2", "|u1", "|b1", "<c8", ">u4"]),
+       codec=st.sampled_from([None, "zstd", "zlib", "gzip"]), version=st.sampled_from([2, 3]),
+       order=st.sampled_from(["C", "F"]), shard=st.booleans())
+def test_zarr_arrays_tensorstore_writes_read_back_exactly(
+        tmp_path: Path, shape: list[int], data: st.DataObject, dtype: str, codec: str | None, version: int,
+        order: str, shard: bool) -> None:
+    """Any shape, chunking (edge chunks included), dtype, byte order, codec, chunk order and sharding."""
+    import tensorstore as ts
+
+    from ckptfmt.convert._zarr import Store, open_zarr
+
+    chunks = [data.draw(st.integers(1, max(d, 1) + 2)) for d in shape]
+    rng = np.random.default_rng(len(shape))
+    value = (rng.standard_normal(shape) * 100).astype(np.dtype(dtype).newbyteorder("="))
+    if value.dtype.kind == "c":
+        value = value + 1j * value
+    name = f"a{uuid.uuid4().hex}"  # tmp_path is shared by the examples
+    path = tmp_path / name
+    if version == 2:
+        meta: dict[str, Any] = {"shape": shape, "chunks": chunks, "dtype": dtype,
+                                "order": order if len(shape) > 1 else "C",  # tensorstore: F needs 2 axes
+                                "compressor": None if codec is None else {"id": codec}}
+        spec: dict[str, Any] = {"driver": "zarr", "metadata": meta}
+    else:
+        endian = "big" if dtype[0] == ">" else "little"
+        inner: list[dict[str, Any]] = [{"name": "bytes", "configuration": {"endian": endian}}]
+        if codec in ("zstd", "gzip"):
+            inner.append({"name": codec})
+        codecs: list[dict[str, Any]] = inner
+        grid = chunks
+        if shard and shape:
+            grid = [c * 2 for c in chunks]
+            codecs = [{"name": "sharding_indexed", "configuration": {"chunk_shape": chunks, "codecs": inner}}]
+        spec = {"driver": "zarr3", "metadata": {"shape": shape, "data_type": value.dtype.name, "codecs": codecs,
+                                                "chunk_grid": {"name": "regular",
+                                                               "configuration": {"chunk_shape": grid}}}}
+    spec["kvstore"] = {"driver": "file", "path": str(path)}
+    store = ts.open(spec, create=True).result()
+    store.write(value).result()
+    array = open_zarr(Store(os.path.realpath(tmp_path)), name, allow_missing=True)  # tensorstore skips fill chunks
+    got = b"".join(bytes(c) for c in array.chunks(64))
+    assert got == np.ascontiguousarray(value.astype(value.dtype.newbyteorder("<"))).tobytes()
+    assert array.shape == tuple(shape)
