@@ -38,7 +38,8 @@ def detect(path: str | os.PathLike[str]) -> str:
     Files are told apart by their bytes (a ``.bin`` that is a torch zip is ``"torch-zip"``); directories
     by what they hold: ``.metadata`` and ``*.distcp`` make ``"dcp"``, ``*.safetensors.index.json`` or
     ``*.safetensors`` files ``"safetensors-sharded"``, ``*.bin.index.json`` or a ``pytorch_model.bin``
-    that is a torch.save file ``"torch-sharded"`` (a Hugging Face model directory). An index file is
+    that is a torch.save file ``"torch-sharded"`` (a Hugging Face model directory), an Orbax ``_METADATA``,
+    ``_CHECKPOINT_METADATA`` or aggregate ``checkpoint`` msgpack file ``"orbax"``. An index file is
     ``"safetensors-sharded"`` or ``"torch-sharded"`` by the content of its shards. Raises
     :class:`UnknownFormatError` for anything else and :class:`CorruptSourceError` for a file that starts
     like a known format but is broken.
@@ -99,7 +100,7 @@ def _detect_dir(p: str) -> str:
         hint = " (it has a .metadata file but no *.distcp files: an incomplete DCP checkpoint?)"
     raise UnknownFormatError(p, "a directory, but neither a torch.distributed.checkpoint (.metadata + *.distcp) nor "
                                 f"a model directory (*{INDEX_SUFFIX}, *.safetensors, *.bin.index.json or "
-                                f"{TORCH_WEIGHTS}){hint}")
+                                f"{TORCH_WEIGHTS}) nor an Orbax checkpoint (_METADATA){hint}")
 
 
 def _detect_zip(p: str) -> str:

@@ -179,7 +179,7 @@ def _refused_by_scan(path: str, names: list[str]) -> UnsafePickleError:
             if member is not None and member.file_size <= _MAX_PICKLE:
                 found = global_paths(zf.read(member), set(names))
                 where = f" (used by: {describe(found)})" if found else ""
-    except (zipfile.BadZipFile, OSError, EOFError):
+    except Exception:  # a hostile archive: the refusal then names the globals only
         pass
     return UnsafePickleError(path, f"the pickle needs {', '.join(names)}{where}, which neither torch.load("
                                    f"weights_only=True) nor ckptfmt's numpy allowlist allows; {_UNSAFE_HINT}",
