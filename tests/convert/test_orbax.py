@@ -66,6 +66,7 @@ def _check(got: dict[str, Any]) -> None:
     assert got["layers"][1]["w"].dtype == np.bool_ and got["layers"][1]["w"].tolist() == [True, False]
     assert got["big"].dtype == np.int64 and np.array_equal(got["big"], want["big"])
     assert got["noise"].dtype == np.uint32 and np.array_equal(got["noise"], want["noise"])
+    assert np.array_equal(got["sharded"], want["sharded"])  # 4 chunks, one per device, side by side
     assert got["step"] == 42 and got["lr"] == 0.25 and got["name"] == "run" and got["nothing"] is None
     assert type(got["count"]) is np.int32 and got["count"] == 7
 
@@ -97,6 +98,8 @@ def test_the_codec_variants_are_what_tensorstore_wrote(written: Path) -> None:
         "endian": "big"}
     sharded = json.loads((written / "zarr3" / "big" / "zarr.json").read_text())
     assert sharded["codecs"][0]["name"] == "sharding_indexed"
+    by_device = json.loads((written / "zarr2" / "sharded" / ".zarray").read_text())
+    assert by_device["shape"] == [4, 8] and by_device["chunks"] == [4, 2]
 
 
 def test_the_ocdbt_layouts_hold_what_they_should(written: Path) -> None:

@@ -30,6 +30,7 @@ def expected() -> dict:
         "layers": [{"w": np.full((2, 2), 0.5, np.float16)}, {"w": np.array([True, False])}],
         "big": np.arange(300, dtype=np.int64).reshape(10, 30) * 3,
         "noise": (np.arange(600, dtype=np.uint64) * 2654435761 % 4294967291).astype(np.uint32),  # incompressible
+        "sharded": np.arange(32, dtype=np.float32).reshape(4, 8),  # written as a jax.Array over 4 devices
         "step": 42, "lr": 0.25, "count": np.int32(7), "name": "run", "nothing": None,
     }
 
@@ -75,7 +76,7 @@ def _legacy(out: str) -> None:
     tree = {"params": {"dense": {"kernel": "PLACEHOLDER://params.dense.kernel",
                                  "bias": "PLACEHOLDER://params.dense.bias"}, "embed": "PLACEHOLDER://params.embed"},
             "layers": {"0": {"w": "PLACEHOLDER://layers.0.w"}, "1": {"w": want["layers"][1]["w"]}},
-            "big": "PLACEHOLDER://big", "noise": "PLACEHOLDER://noise",
+            "big": "PLACEHOLDER://big", "noise": "PLACEHOLDER://noise", "sharded": "PLACEHOLDER://sharded",
             "step": 42, "lr": 0.25, "count": np.int32(7), "name": "run", "nothing": None}
     with open(os.path.join(dst, "checkpoint"), "wb") as f:
         f.write(msgpack_utils.msgpack_serialize(tree))
@@ -85,12 +86,17 @@ def _legacy(out: str) -> None:
 
 
 def main(out: str) -> None:
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"  # before jax starts: 4 CPU devices
+    import jax
     import jax.numpy as jnp
     import orbax.checkpoint as ocp
     import tensorstore as ts
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
     tree = expected()
     tree["params"]["embed"] = jnp.asarray(tree["params"]["embed"], dtype=jnp.bfloat16)
+    mesh = Mesh(np.array(jax.devices()[:4]), ("x",))  # each device writes its own chunk: a grid of 1 x 4 chunks
+    tree["sharded"] = jax.device_put(tree["sharded"], NamedSharding(mesh, PartitionSpec(None, "x")))
     for name, kwargs in (("zarr2", {"use_ocdbt": False}), ("zarr3", {"use_ocdbt": False, "use_zarr3": True}),
                          ("ocdbt", {}), ("ocdbt3", {"use_zarr3": True}), ("codecs", {"use_ocdbt": False}),
                          ("codecs3", {"use_ocdbt": False, "use_zarr3": True}), ("blosc", {"use_ocdbt": False})):
