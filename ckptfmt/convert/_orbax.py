@@ -46,6 +46,8 @@ PLACEHOLDER = "PLACEHOLDER://"
 ORBAX_KEY = "orbax"
 _TMP_SUFFIX = ".orbax-checkpoint-tmp"
 _SEQUENCE, _DICT = 1, 2
+#: keys a leaf may be below the root (the tree is rebuilt recursively)
+_MAX_DEPTH = 200
 _ARRAYS = ("np.ndarray", "jax.Array", "scalar")
 _EMPTY = {"None": None, "Dict": dict, "List": list, "Tuple": list}
 
@@ -100,6 +102,9 @@ def _tree_entries(path: str, meta: Any) -> list[tuple[list[tuple[int, str | int]
         value = entry.get("value_metadata") if isinstance(entry, dict) else None
         if not isinstance(keys, list) or not keys or not isinstance(value, dict):
             raise CorruptSourceError(cited, f"Orbax _METADATA: entry {name!r:.80} lacks key_metadata or value_metadata")
+        if len(keys) > _MAX_DEPTH:
+            raise UnsupportedSourceError(cited, f"Orbax _METADATA: entry {name!r:.80} is {len(keys)} keys deep "
+                                                f"(cap {_MAX_DEPTH})")
         path_keys: list[tuple[int, str | int]] = []
         for k in keys:
             key, kind = (k.get("key"), k.get("key_type")) if isinstance(k, dict) else (None, None)

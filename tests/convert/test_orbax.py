@@ -429,3 +429,10 @@ def test_zarr_arrays_tensorstore_writes_read_back_exactly(
     got = b"".join(bytes(c) for c in array.chunks(64))
     assert got == np.ascontiguousarray(value.astype(value.dtype.newbyteorder("<"))).tobytes()
     assert array.shape == tuple(shape)
+
+
+def test_a_leaf_too_deep_is_refused(written: Path, tmp_path: Path) -> None:
+    src = _copy(written, "zarr2", tmp_path)
+    _add_leaf(src, ["k"] * 5000, value_type="None")
+    with pytest.raises(UnsupportedSourceError, match="deep"):
+        convert(src, tmp_path / "o.ckpt")
