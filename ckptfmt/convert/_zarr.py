@@ -524,9 +524,10 @@ def _checked(array: ZarrArray) -> ZarrArray:
     from .._codec import MAX_RATIO
 
     stored = array.store.stored_bytes(array.rel)
-    if array.nbytes > MAX_RATIO * stored + (64 << 20):
-        raise UnsupportedSourceError(array.directory, f"zarr: the array declares {array.nbytes} bytes, over "
-                                                      f"{MAX_RATIO} times the {stored} bytes stored for it")
+    declared = max(array.nbytes, math.prod(array.chunk) * array.dtype.itemsize)  # a chunk may exceed the shape
+    if declared > MAX_RATIO * stored + (64 << 20):
+        raise UnsupportedSourceError(array.directory, f"zarr: the array declares {declared} bytes (array or chunk), "
+                                                      f"over {MAX_RATIO} times the {stored} bytes stored for it")
     return array
 
 

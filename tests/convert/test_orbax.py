@@ -281,6 +281,10 @@ def test_a_hostile_shape_is_refused_before_allocating(written: Path, tmp_path: P
     (src / "big" / ".zarray").write_text(json.dumps(zarray))
     with pytest.raises(UnsupportedSourceError, match="declares"):
         convert(src, tmp_path / "o.ckpt")
+    zarray["shape"], zarray["chunks"] = [10, 30], [1 << 40, 30]  # a small array, a huge chunk
+    (src / "big" / ".zarray").write_text(json.dumps(zarray))
+    with pytest.raises(UnsupportedSourceError, match="declares"):
+        convert(src, tmp_path / "o.ckpt")
 
 
 def test_hostile_zarr3_shards(written: Path, tmp_path: Path) -> None:
