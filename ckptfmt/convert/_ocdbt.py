@@ -31,6 +31,7 @@ MAX_NODE = 64 << 20
 _MAX_HEIGHT = 32
 _MAX_NODES = 1 << 20
 _MAX_PATH = 65535
+_MAX_KEY = 1 << 16
 
 
 class _Buf:
@@ -106,6 +107,7 @@ def _file_table(b: _Buf) -> list[tuple[bytes, bytes]]:
     base = b.varints(n)
     out: list[tuple[bytes, bytes]] = []
     prev = b""
+    total = 0
     for i in range(n):
         keep = prefix[i - 1] if i else 0
         if keep > len(prev):
@@ -113,9 +115,17 @@ def _file_table(b: _Buf) -> list[tuple[bytes, bytes]]:
         path = prev[:keep] + b.take(suffix[i])
         if len(path) > _MAX_PATH or base[i] > len(path):
             raise b.fail("a data file path too long, or its base longer than itself")
+        total += len(path)
+        if total > _expansion(b):
+            raise b.fail("data file paths whose shared prefixes expand far beyond the node")
         out.append((path[: base[i]], path[base[i] :]))
         prev = path
     return out
+
+
+def _expansion(b: _Buf) -> int:
+    """How many bytes of keys or paths prefix compression may expand a decoded node or manifest to."""
+    return 16 * len(b.data) + (1 << 20)
 
 
 class _Db:
@@ -123,6 +133,10 @@ class _Db:
         self.root, self.directory = root, directory
         self.nodes = 0
         self.max_node = MAX_NODE
+        #: bytes of B+tree nodes decoded so far, and the sizes of the data files they came from
+        self.decoded = 0
+        self.sizes: dict[str, int] = {}
+        self.seen: set[tuple[str, int, int]] = set()
 
     def path(self, transitive: bytes, entry: tuple[bytes, bytes], cited: str) -> tuple[str, bytes]:
         """(real path of a data file, transitive path for what it holds)."""
@@ -149,11 +163,20 @@ class _Db:
     def walk(self, file: str, offset: int, length: int, transitive: bytes, prefix: bytes, height: int,
              out: dict[str, Value]) -> None:
         """Add the keys of the B+tree node at ``(file, offset, length)`` to ``out``."""
+        if (file, offset, length) in self.seen:
+            raise UnsupportedSourceError(file, f"OCDBT: the B+tree node at [{offset}, {offset + length}) is reached "
+                                               "by two paths (a shared subtree, which ckptfmt does not read)")
+        self.seen.add((file, offset, length))
         self.nodes += 1
         if self.nodes > _MAX_NODES:
             raise CorruptSourceError(self.directory, f"OCDBT: more than {_MAX_NODES} B+tree nodes")
         b = _decode(self.read(file, offset, length, self.directory), _BTREE_MAGIC, file, "B+tree node",
                     self.max_node)
+        self.sizes.setdefault(file, os.path.getsize(file))
+        self.decoded += len(b.data)
+        if self.decoded > 8 * sum(self.sizes.values()) + (64 << 20):  # nodes reached by many paths (a DAG)
+            raise CorruptSourceError(self.directory, f"OCDBT: the B+tree decodes to over {self.decoded} bytes, far "
+                                                     "more than its data files hold")
         if b.u8() != height:
             raise b.fail(f"a node of another height than its parent says ({height})")
         table = _file_table(b)
@@ -163,11 +186,15 @@ class _Db:
         common = b.varints(n) if height else []
         keys: list[bytes] = []
         prev = b""
+        total = 0
         for i in range(n):
             k = keep[i - 1] if i else 0
             if k > len(prev):
                 raise b.fail("a key prefix longer than the previous key")
             prev = prev[:k] + b.take(suffix[i])
+            total += len(prev) + len(prefix)
+            if len(prev) + len(prefix) > _MAX_KEY or total > _expansion(b):
+                raise b.fail("keys whose shared prefixes expand too long")
             keys.append(prev)
 
         def file_of(i: int) -> tuple[str, bytes]:

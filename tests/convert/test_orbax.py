@@ -135,13 +135,13 @@ def test_an_ocdbt_btree_of_many_levels_reads_every_key(written: Path) -> None:
     assert any(isinstance(v, tuple) for v in got.values()) and any(isinstance(v, bytes) for v in got.values())
 
 
-def _manifest(body: bytes) -> bytes:
-    """An encoded OCDBT manifest (uncompressed) around ``body``, with its length and crc32c."""
+def _manifest(body: bytes, magic: int = 0x0CDB3A2A) -> bytes:
+    """An encoded OCDBT manifest or node (uncompressed) around ``body``, with its length and crc32c."""
     import struct
 
     from ckptfmt.convert._zarr import crc32c
 
-    head = struct.pack(">I", 0x0CDB3A2A)
+    head = struct.pack(">I", magic)
     length = 4 + 8 + 2 + len(body) + 4
     raw = head + struct.pack("<Q", length) + b"\0\0" + body
     return raw + struct.pack("<I", crc32c(raw))
@@ -440,3 +440,26 @@ def test_a_leaf_too_deep_is_refused(written: Path, tmp_path: Path) -> None:
     _add_leaf(src, ["k"] * 5000, value_type="None")
     with pytest.raises(UnsupportedSourceError, match="deep"):
         convert(src, tmp_path / "o.ckpt")
+
+
+def test_an_ocdbt_node_reached_twice_is_refused(tmp_path: Path) -> None:
+    """A B+tree whose interior node names one leaf twice (a DAG: exponential work if followed) is refused."""
+    leaf = _manifest(b"\0" + _varint(0) + _varint(1) + _varint(1) + b"k" + _varint(1) + _varint(0) + b"v",
+                     magic=0x0CDB20DE)  # height 0, no data files, one key "k" with the inline value "v"
+    n = 2
+    interior_body = (b"\1" + _varint(1) + _varint(3) + _varint(0) + b"d/x"  # height 1, data file table ["d/x"]
+                     + _varint(n) + _varint(0) * (n - 1) + _varint(1) * n + _varint(0) * n + b"ab"
+                     + _varint(0) * n + _varint(0) * n + _varint(len(leaf)) * n + _varint(0) * (3 * n))
+    interior = _manifest(interior_body, magic=0x0CDB20DE)
+    db = tmp_path / "db"
+    (db / "d").mkdir(parents=True)
+    (db / "d" / "x").write_bytes(leaf + interior)
+    config = b"\1" * 16 + b"\0" + _varint(16) + _varint(1 << 20) + b"\4" + b"\0"
+    table = _varint(1) + _varint(3) + _varint(0) + b"d/x"
+    versions = (_varint(1) + _varint(1) + b"\1" + _varint(0) + _varint(len(leaf)) + _varint(len(interior))
+                + b"\0\0\0" + b"\0" * 8)
+    (db / "manifest.ocdbt").write_bytes(_manifest(config + table + versions + _varint(0)))
+    from ckptfmt.convert._ocdbt import read_ocdbt
+
+    with pytest.raises(UnsupportedSourceError, match="two paths"):
+        read_ocdbt(str(db))
