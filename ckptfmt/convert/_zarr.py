@@ -311,8 +311,8 @@ def _pieces(value: Value, codec: str | None, cited: str) -> Iterator[bytes]:
             raise CorruptSourceError(cited, f"zarr: a {codec} chunk is truncated")
 
 
-_RESAVE = ("re-save it with a codec ckptfmt reads (zstd, gzip, zlib or none), or restore it with "
-           "orbax/tensorstore and save it again")
+_RESAVE = ("restore it with orbax (or tensorstore) and save it again with zstd, gzip, zlib or no compression "
+           "(Orbax's default is zstd), then convert that")
 
 
 def _v3_chain(codecs: Any, cited: str) -> tuple[str, list[str], dict[str, Any] | None]:

@@ -209,7 +209,7 @@ def test_an_ocdbt_checkpoint_without_its_manifest_is_refused(written: Path, tmp_
 
 
 def test_blosc_is_refused_naming_the_codec(written: Path, tmp_path: Path) -> None:
-    with pytest.raises(UnsupportedSourceError, match=r"blosc.*re-save"):
+    with pytest.raises(UnsupportedSourceError, match=r"blosc.*save it again"):
         convert(written / "blosc", tmp_path / "o.ckpt")
 
 
