@@ -464,3 +464,13 @@ def test_an_ocdbt_node_reached_twice_is_refused(tmp_path: Path) -> None:
 
     with pytest.raises(UnsupportedSourceError, match="two paths"):
         read_ocdbt(str(db))
+
+
+def test_a_tensorflow_checkpoint_state_file_is_not_an_orbax_aggregate(tmp_path: Path) -> None:
+    """TensorFlow also writes a file named `checkpoint` (text): it does not make the directory an Orbax one."""
+    from ckptfmt.convert._orbax import is_orbax_dir
+
+    (tmp_path / "checkpoint").write_text('model_checkpoint_path: "ckpt-1"\nall_model_checkpoint_paths: "ckpt-1"\n')
+    assert not is_orbax_dir(str(tmp_path))
+    (tmp_path / "checkpoint").write_bytes(b"\x81\xa1a\xa1b")  # a msgpack map with neither arrays nor placeholders
+    assert not is_orbax_dir(str(tmp_path))
