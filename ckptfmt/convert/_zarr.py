@@ -85,6 +85,7 @@ class Store:
         #: the checkpoint directory (a real path)
         self.root = root
         self.entries = entries
+        self._sums: dict[str, int] | None = None
 
     def get(self, key: str, cited: str) -> Value | None:
         """Where ``key``'s value lies; None if there is none."""
@@ -104,8 +105,14 @@ class Store:
     def stored_bytes(self, prefix: str) -> int:
         """Bytes stored under ``prefix/`` (files: links not followed)."""
         if self.entries is not None:
-            return sum(len(v) if isinstance(v, bytes) else v[2] for k, v in self.entries.items()
-                       if k.startswith(prefix + "/"))
+            if self._sums is None:  # once, for every prefix: a model has thousands of arrays
+                self._sums = {}
+                for k, v in self.entries.items():
+                    at = k.find("/")
+                    while at != -1:
+                        self._sums[k[:at]] = self._sums.get(k[:at], 0) + value_size(v)
+                        at = k.find("/", at + 1)
+            return self._sums.get(prefix, 0)
         total = 0
         stack = [inside_root(self.root, prefix, cited=self.root, what="array directory")]
         while stack:
