@@ -10,7 +10,8 @@ Sources (told apart by content, see :func:`detect`): ckptfmt itself, torch.save 
 legacy; numpy values allowed by name), TorchScript archives, PyTorch Lightning checkpoints, safetensors
 files, Hugging Face model directories (safetensors or torch shards, with their JSON side files), numpy
 .npy/.npz, HDF5, torch.distributed.checkpoint directories, GGUF files, Keras 3 ``.keras`` archives,
-Flax msgpack files and TensorFlow checkpoints (TF1 ``Saver``, TF2 ``tf.train.Checkpoint``).
+Flax msgpack files, Orbax checkpoint directories (OCDBT or per-array zarr) and TensorFlow checkpoints
+(TF1 ``Saver``, TF2 ``tf.train.Checkpoint``).
 """
 
 from __future__ import annotations

@@ -113,6 +113,10 @@ def _read(fmt: str, src: str, *, allow_pickle: bool) -> tuple[Any, dict[str, Any
         from ._tensorflow import read_tensorflow
 
         return read_tensorflow(src)
+    if fmt == "orbax":
+        from ._orbax import read_orbax
+
+        return read_orbax(src)
     raise ValueError(f"unknown source format {fmt!r}")  # detect() returns none other
 
 

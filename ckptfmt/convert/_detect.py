@@ -15,6 +15,7 @@ from ._flax import looks_like_flax
 from ._hfdir import TORCH_WEIGHTS, index_shard_format, is_torch_dir
 from ._keras import is_keras
 from ._lightning import is_lightning
+from ._orbax import is_orbax_dir
 from ._safetensors import INDEX_SUFFIX, find_index, sniff_header
 from ._tensorflow import find_prefix, looks_like_index
 from ._torchscript import is_torchscript
@@ -23,7 +24,7 @@ __all__ = ["FORMATS", "detect"]
 
 #: every format :func:`detect` can return, i.e. every source ``convert`` reads
 FORMATS = ("ckptfmt", "torch-zip", "torch-legacy", "torchscript", "lightning", "safetensors", "safetensors-sharded",
-           "torch-sharded", "npy", "npz", "hdf5", "dcp", "gguf", "keras", "flax-msgpack", "tensorflow")
+           "torch-sharded", "npy", "npz", "hdf5", "dcp", "gguf", "keras", "flax-msgpack", "tensorflow", "orbax")
 
 _NPY = b"\x93NUMPY"
 _HDF5 = b"\x89HDF\r\n\x1a\n"
@@ -38,7 +39,8 @@ def detect(path: str | os.PathLike[str]) -> str:
     Files are told apart by their bytes (a ``.bin`` that is a torch zip is ``"torch-zip"``); directories
     by what they hold: ``.metadata`` and ``*.distcp`` make ``"dcp"``, ``*.safetensors.index.json`` or
     ``*.safetensors`` files ``"safetensors-sharded"``, ``*.bin.index.json`` or a ``pytorch_model.bin``
-    that is a torch.save file ``"torch-sharded"`` (a Hugging Face model directory). An index file is
+    that is a torch.save file ``"torch-sharded"`` (a Hugging Face model directory), an Orbax ``_METADATA``,
+    ``_CHECKPOINT_METADATA`` or aggregate ``checkpoint`` msgpack file ``"orbax"``. An index file is
     ``"safetensors-sharded"`` or ``"torch-sharded"`` by the content of its shards. A TensorFlow checkpoint
     is ``"tensorflow"`` when ``path`` is its prefix, its ``.index`` (a LevelDB table starting with the
     bundle header), a data shard, or a directory holding one. Raises
@@ -101,6 +103,8 @@ def _detect_dir(p: str) -> str:
         return "safetensors-sharded"
     if is_torch_dir(p, detect):
         return "torch-sharded"
+    if is_orbax_dir(p):
+        return "orbax"
     if find_prefix(p) is not None:  # the checkpoint its `checkpoint` state file names, or its only PREFIX.index
         return "tensorflow"
     hint = ""
@@ -108,7 +112,8 @@ def _detect_dir(p: str) -> str:
         hint = " (it has a .metadata file but no *.distcp files: an incomplete DCP checkpoint?)"
     raise UnknownFormatError(p, "a directory, but neither a torch.distributed.checkpoint (.metadata + *.distcp) nor "
                                 f"a model directory (*{INDEX_SUFFIX}, *.safetensors, *.bin.index.json or "
-                                f"{TORCH_WEIGHTS}){hint}")
+                                f"{TORCH_WEIGHTS}) nor an Orbax checkpoint (_METADATA) nor a TensorFlow checkpoint "
+                                f"(PREFIX.index + PREFIX.data-*){hint}")
 
 
 def _detect_zip(p: str) -> str:

@@ -17,10 +17,11 @@ from collections.abc import Callable
 from typing import Any
 
 from ._errors import CorruptSourceError, UnknownFormatError, UnsupportedSourceError
+from ._hubcache import hub_blob
 
 __all__ = ["MAX_INDEX", "MAX_SIDE_FILE", "MAX_SIDE_TOTAL", "SIDE_FILES", "SIDE_KEY", "TORCH_WEIGHTS",
-           "find_torch_index", "index_shard_format", "inside", "is_torch_dir", "read_index", "read_side_files",
-           "read_torch_sharded"]
+           "find_torch_index", "index_shard_format", "inside", "is_torch_dir", "read_index",
+           "read_side_files", "read_torch_sharded"]
 
 #: the single-file weights name of a torch model directory (transformers' WEIGHTS_NAME)
 TORCH_WEIGHTS = "pytorch_model.bin"
@@ -43,18 +44,15 @@ def inside(directory: str, name: str, *, what: str, cited: str) -> str:
     """The path of file ``name`` in ``directory``; :class:`CorruptSourceError` if it could reach elsewhere.
 
     ``name`` must be a plain file name (no separator, not ``.``/``..``), and its real path (links
-    followed) must lie in the directory's real path, or, for a snapshot of the Hugging Face hub cache
-    (``<repo>/snapshots/<revision>/``, whose files link to ``<repo>/blobs/<hash>``), in that repo's
-    ``blobs`` folder.
+    followed) must lie in the directory's real path, or, for a snapshot of the Hugging Face hub cache,
+    be a regular file in that cache repo's ``blobs`` folder (:func:`hub_blob`).
     """
     if (not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name
             or os.path.isabs(name) or (os.altsep and os.altsep in name)):
         raise CorruptSourceError(cited, f"{what} {name!r} is not a plain file name in {directory}")
     root = os.path.realpath(directory)
     full = os.path.realpath(os.path.join(directory, name))
-    snapshots = os.path.dirname(root)
-    blobs = os.path.join(os.path.dirname(snapshots), "blobs")
-    if os.path.basename(snapshots) == "snapshots" and os.path.dirname(full) == blobs:
+    if hub_blob(root, full):
         return full
     if os.path.dirname(full) != root:
         raise CorruptSourceError(cited, f"{what} {name!r} lies outside {directory} (a link to {full})")

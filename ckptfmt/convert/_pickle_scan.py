@@ -71,9 +71,16 @@ class _Skeleton(pickle.Unpickler):
         return None
 
 
-def skeleton(data: bytes) -> Any:
-    """The object tree of pickle ``data`` with every global replaced by a :class:`Stub` subclass."""
-    return _Skeleton(data).load()
+def skeleton(data: bytes, index: int = 0) -> Any:
+    """The object tree of pickle ``data`` with every global replaced by a :class:`Stub` subclass.
+
+    ``index``: which of several pickles written one after the other to replay (the legacy torch.save
+    layout holds the magic number, the protocol version and the system info before the object).
+    """
+    unpickler = _Skeleton(data)
+    for _ in range(index):
+        unpickler.load()
+    return unpickler.load()
 
 
 def _key(k: Any) -> str | int:
@@ -81,12 +88,15 @@ def _key(k: Any) -> str | int:
         f"<{k.global_name}>"
 
 
-def global_paths(data: bytes, names: set[str]) -> dict[str, list[str]]:
-    """``{global: [key path, ...]}`` of the uses of ``names`` in pickle ``data`` ({} if it cannot be replayed)."""
+def global_paths(data: bytes, names: set[str], index: int = 0) -> dict[str, list[str]]:
+    """``{global: [key path, ...]}`` of the uses of ``names`` in pickle ``data`` ({} if it cannot be replayed).
+
+    ``index``: as for :func:`skeleton`.
+    """
     if len(data) > MAX_SCAN:
         return {}
     try:
-        root = skeleton(data)
+        root = skeleton(data, index)
     except Exception:  # a broken pickle: torch reports it when loading
         return {}
     found: dict[str, list[str]] = {}

@@ -17,6 +17,7 @@ from typing import Any
 from .._dtypes import DTYPES
 from ..errors import UnsupportedDTypeError
 from ._errors import CorruptSourceError, UnknownFormatError
+from ._hubcache import hub_blob
 from ._lazy import FileArray
 
 __all__ = ["INDEX_SUFFIX", "find_index", "read_safetensors", "read_sharded", "sniff_header"]
@@ -224,7 +225,7 @@ def read_sharded(path: str) -> tuple[dict[str, FileArray], dict[str, Any]]:
     where: dict[str, str] = {}
     for shard in shards:
         file = os.path.realpath(os.path.join(directory, shard))
-        if os.path.commonpath([root, file]) != root:
+        if os.path.commonpath([root, file]) != root and not hub_blob(root, file):
             raise CorruptSourceError(index_path or path, f"shard {shard!r} lies outside {directory}")
         if not os.path.isfile(file):
             raise CorruptSourceError(index_path or path, f"shard {shard!r} is missing")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import os
 import pickle
 import re
 import warnings
@@ -26,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from .._keypath import join
-from ..errors import MissingDependencyError
+from ..errors import CheckpointError, MissingDependencyError
 from ._errors import CorruptSourceError, UnsafePickleError, UnsupportedSourceError
 from ._pickle_scan import describe, global_paths
 
@@ -92,13 +93,14 @@ def unsafe_globals(torch: Any, source: Any) -> list[str]:
         return []
 
 
-def _refusal(path: str, e: BaseException) -> UnsafePickleError:
-    """An :class:`UnsafePickleError` from torch's weights_only error, naming what it refused."""
+def _refusal(path: str, e: BaseException, fmt: str) -> UnsafePickleError:
+    """An :class:`UnsafePickleError` from torch's weights_only error, naming what it refused and where."""
     text = str(e)
     names = sorted(set(_GLOBAL_RE.findall(text)))
     if names:
-        return UnsafePickleError(path, f"the pickle needs {', '.join(names)}, which torch.load(weights_only=True) "
-                                       f"does not allow; {_UNSAFE_HINT}", globals=names)
+        where = _legacy_uses(path, set(names)) if fmt == "torch-legacy" else ""
+        return UnsafePickleError(path, f"the pickle needs {', '.join(names)}{where}, which torch.load("
+                                       f"weights_only=True) does not allow; {_UNSAFE_HINT}", globals=names)
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     at = next((i for i, line in enumerate(lines) if "WeightsUnpickler error" in line), None)
     detail = text.strip() if at is None else \
@@ -108,12 +110,12 @@ def _refusal(path: str, e: BaseException) -> UnsafePickleError:
 
 @contextlib.contextmanager
 def _translated(path: str, fmt: str) -> Iterator[None]:
-    """torch's load errors as ckptfmt conversion errors."""
+    """torch's load errors as ckptfmt conversion errors; any other exception of the unpickler is a broken pickle."""
     try:
         yield
     except pickle.UnpicklingError as e:
         if "weights only load failed" in str(e).lower() or "weights_only" in str(e):
-            raise _refusal(path, e) from None
+            raise _refusal(path, e, fmt) from None
         raise CorruptSourceError(path, f"{fmt}: the pickle is broken ({e})") from None
     except (RuntimeError, EOFError, ValueError, OSError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -121,6 +123,12 @@ def _translated(path: str, fmt: str) -> Iterator[None]:
             raise UnsupportedSourceError(path, f"{fmt}: torch cannot read the legacy .tar format with "
                                                f"weights_only=True; {_UNSAFE_HINT}") from None
         raise CorruptSourceError(path, f"{fmt}: torch.load failed ({type(e).__name__}: {msg})") from None
+    except CheckpointError:
+        raise
+    except Exception as e:  # the weights-only unpickler lets a hostile pickle's IndexError, KeyError, ... through
+        msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        raise CorruptSourceError(path, f"{fmt}: the pickle is broken ({type(e).__name__}"
+                                       + (f": {msg})" if msg else ")")) from None
 
 
 def load_torch(path: str, fmt: str, *, allow_pickle: bool) -> tuple[Any, dict[str, Any]]:
@@ -145,6 +153,23 @@ def load_torch(path: str, fmt: str, *, allow_pickle: bool) -> tuple[Any, dict[st
     return tree, ({STATE_DICT_METADATA: meta} if meta else {})
 
 
+def _legacy_uses(path: str, names: set[str]) -> str:
+    """`` (used by: ...)`` naming the key paths of ``names`` in a legacy torch.save file ("" if not found).
+
+    The legacy layout is four pickles in a row (magic number, protocol version, system info, the object)
+    followed by the storages; the fourth is replayed inertly by :func:`global_paths`.
+    """
+    try:
+        if os.path.getsize(path) > _MAX_PICKLE:
+            return ""
+        with open(path, "rb") as f:
+            data = f.read(_MAX_PICKLE + 1)
+    except OSError:
+        return ""
+    found = global_paths(data, names, index=3)
+    return f" (used by: {describe(found)})" if found else ""
+
+
 def _refused_by_scan(path: str, names: list[str]) -> UnsafePickleError:
     """The refusal of a zip file's globals, naming the key paths that use them where the pickle tells."""
     where = ""
@@ -154,7 +179,7 @@ def _refused_by_scan(path: str, names: list[str]) -> UnsafePickleError:
             if member is not None and member.file_size <= _MAX_PICKLE:
                 found = global_paths(zf.read(member), set(names))
                 where = f" (used by: {describe(found)})" if found else ""
-    except (zipfile.BadZipFile, OSError, EOFError):
+    except Exception:  # a hostile archive: the refusal then names the globals only
         pass
     return UnsafePickleError(path, f"the pickle needs {', '.join(names)}{where}, which neither torch.load("
                                    f"weights_only=True) nor ckptfmt's numpy allowlist allows; {_UNSAFE_HINT}",

@@ -25,7 +25,7 @@ from ckptfmt.convert import (
 def test_formats_listed() -> None:
     assert FORMATS == ("ckptfmt", "torch-zip", "torch-legacy", "torchscript", "lightning", "safetensors",
                        "safetensors-sharded", "torch-sharded", "npy", "npz", "hdf5", "dcp", "gguf",
-                       "keras", "flax-msgpack", "tensorflow")
+                       "keras", "flax-msgpack", "tensorflow", "orbax")
 
 
 def test_numpy_and_ckptfmt_by_content(tmp_path: Path) -> None:

@@ -224,3 +224,88 @@ def test_a_hub_cache_snapshot_links_into_its_blobs(tmp_path: Path) -> None:
     os.symlink(tmp_path / "elsewhere.json", snap / "generation_config.json")
     with pytest.raises(CorruptSourceError, match="outside"):
         convert(snap, tmp_path / "m2.ckpt")
+
+
+def _hub_cache(cache: Path, repo_id: str, files: dict[str, bytes], revision: str = "0" * 40) -> Path:
+    """A hub cache repo written with huggingface_hub's own cache functions (what hf_hub_download does after the
+    download: the blob under blobs/<sha256>, a relative link from snapshots/<rev>/<file>, refs/main); offline."""
+    import hashlib
+
+    from huggingface_hub import file_download as fd
+
+    storage = cache / fd.repo_folder_name(repo_id=repo_id, repo_type="model")
+    for name, data in files.items():
+        blob = storage / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        blob.write_bytes(data)
+        pointer = Path(fd._get_pointer_path(str(storage), revision, name))
+        pointer.parent.mkdir(parents=True, exist_ok=True)
+        fd._create_symlink(str(blob), str(pointer), new_blob=True)
+    fd._cache_commit_hash_for_specific_revision(str(storage), "main", revision)
+    (storage / "refs").mkdir(exist_ok=True)
+    (storage / "refs" / "main").write_text(revision)
+    return storage / "snapshots" / revision
+
+
+def test_a_hub_cache_made_by_huggingface_hub_converts(tmp_path: Path) -> None:
+    """Sharded safetensors and a torch .bin in a cache huggingface_hub itself recognises (scan_cache_dir)."""
+    import huggingface_hub.file_download as fd
+    from safetensors.torch import save as st_save
+
+    if not all(hasattr(fd, n) for n in ("_create_symlink", "_get_pointer_path", "repo_folder_name")):
+        pytest.skip("this huggingface_hub has no cache-writing helpers")
+    cache = tmp_path / "hub"
+    a, b = torch.arange(6.0).reshape(2, 3), torch.ones(4, dtype=torch.float16)
+    index = {"metadata": {"total_size": 32}, "weight_map": {"a": "model-00001-of-00002.safetensors",
+                                                             "b": "model-00002-of-00002.safetensors"}}
+    snap = _hub_cache(cache, "org/tiny-st", {
+        "model-00001-of-00002.safetensors": st_save({"a": a}), "model-00002-of-00002.safetensors": st_save({"b": b}),
+        "model.safetensors.index.json": json.dumps(index).encode(), "config.json": json.dumps(CONFIG).encode()})
+    assert {r.repo_id for r in hub.scan_cache_dir(cache).repos} == {"org/tiny-st"}
+    assert hub.try_to_load_from_cache("org/tiny-st", "config.json", cache_dir=cache) == str(snap / "config.json")
+    assert all(p.is_symlink() for p in snap.iterdir())
+    assert detect(snap) == "safetensors-sharded"
+    convert(snap, tmp_path / "st.ckpt")
+    got = ckptfmt.load(tmp_path / "st.ckpt", backend="torch")
+    assert torch.equal(got["a"], a) and torch.equal(got["b"], b)
+    with ckptfmt.open(tmp_path / "st.ckpt") as ckpt:
+        assert ckpt.metadata["hf_files"] == {"config.json": CONFIG}
+    convert(snap / "model.safetensors.index.json", tmp_path / "st2.ckpt")  # the index file named directly
+
+    import io
+
+    buf = io.BytesIO()
+    torch.save(TinyLM().state_dict(), buf)
+    snap_bin = _hub_cache(cache, "org/tiny-bin", {"pytorch_model.bin": buf.getvalue()})
+    assert detect(snap_bin) == "torch-sharded"
+    convert(snap_bin, tmp_path / "bin.ckpt")
+    assert torch.equal(ckptfmt.load(tmp_path / "bin.ckpt", backend="torch")["embed.weight"], TinyLM().embed.weight)
+
+
+@pytest.mark.parametrize("target", ["outside", "other_repo", "blob_dir", "not_a_models_repo"])
+def test_hub_cache_links_reach_only_their_own_blobs(tmp_path: Path, target: str) -> None:
+    """A snapshot link to a file outside the repo, another repo's blob, a directory, or out of a non-models-- tree."""
+    from safetensors.torch import save as st_save
+
+    data = st_save({"a": torch.ones(2)})
+    cache = tmp_path / "hub"
+    snap = _hub_cache(cache, "org/tiny", {"model.safetensors": data})
+    other = _hub_cache(cache, "org/other", {"x.safetensors": st_save({"x": torch.zeros(1)})})
+    link = snap / "extra.safetensors"
+    if target == "outside":
+        (tmp_path / "loose.safetensors").write_bytes(data)
+        os.symlink(tmp_path / "loose.safetensors", link)
+    elif target == "other_repo":
+        os.symlink(os.path.realpath(other / "x.safetensors"), link)
+    elif target == "blob_dir":
+        (snap.parent.parent / "blobs" / "sub").mkdir()
+        os.symlink("../../blobs/sub", link)
+    else:
+        renamed = tmp_path / "plain" / "snapshots" / snap.name
+        (tmp_path / "plain").mkdir()
+        os.rename(snap.parent.parent / "blobs", tmp_path / "plain" / "blobs")
+        os.rename(snap.parent, tmp_path / "plain" / "snapshots")
+        snap = renamed
+    with pytest.raises(CorruptSourceError, match="outside"):
+        convert(snap, tmp_path / "m.ckpt")
+    assert not (tmp_path / "m.ckpt").exists()

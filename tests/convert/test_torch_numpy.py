@@ -115,3 +115,51 @@ def test_the_key_path_scan_runs_nothing(tmp_path: Path) -> None:
     found = global_paths(data, {"posix.system", "os.system"})
     assert list(found.values()) == [["a/1/b"]]
     assert not (tmp_path / "pwned").exists()
+
+
+def test_legacy_refusals_name_the_key_path(tmp_path: Path) -> None:
+    """A legacy (non-zip) torch.save file's refused global is named with the key paths that use it."""
+    src = tmp_path / "legacy.pt"
+    torch.save({"w": torch.ones(2), "cfg": {"obj": Custom(1), "list": [1, Custom(2)]}}, src,
+               _use_new_zipfile_serialization=False)
+    assert ckptfmt.convert.detect(src) == "torch-legacy"
+    with pytest.raises(UnsafePickleError) as info:
+        convert(src, tmp_path / "legacy.ckpt")
+    name = f"{__name__}.Custom"
+    assert info.value.globals == [name]
+    assert "'cfg/obj'" in str(info.value) and "'cfg/list/1'" in str(info.value)
+    assert not (tmp_path / "legacy.ckpt").exists()
+
+
+def _hostile_zip(tmp_path: Path, pickle_bytes: bytes) -> Path:
+    """A torch.save zip whose data.pkl is replaced by ``pickle_bytes`` (every other member as torch wrote it)."""
+    import io
+    import zipfile
+
+    buf = io.BytesIO()
+    torch.save({"a": 1}, buf)
+    src = zipfile.ZipFile(io.BytesIO(buf.getvalue()))
+    out = tmp_path / "hostile.pt"
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as z:
+        for n in src.namelist():
+            z.writestr(n, pickle_bytes if n.endswith("/data.pkl") else src.read(n))
+    return out
+
+
+@pytest.mark.parametrize(("pickle_bytes", "raised"), [
+    (b"\x80\x02h\x05.", "KeyError"),  # BINGET of a memo slot never set
+    (b"\x80\x02s.", "IndexError"),  # SETITEM on an empty stack
+    (b"\x80\x02e.", "IndexError"),  # APPENDS without a MARK
+    (b"\x80\x02K\x01Q.", "AssertionError"),  # BINPERSID of an int, not a tuple
+    (b"\x80\x02(X\x07\x00\x00\x00storageK\x01tQ.", "ValueError"),  # a storage id of one field, not five
+])
+def test_hostile_zip_pickles_raise_typed_errors(tmp_path: Path, pickle_bytes: bytes, raised: str) -> None:
+    """Whatever torch's weights-only unpickler lets through becomes a CorruptSourceError naming the file."""
+    from ckptfmt.convert import CorruptSourceError
+
+    src = _hostile_zip(tmp_path, pickle_bytes)
+    assert ckptfmt.convert.detect(src) == "torch-zip"
+    with pytest.raises(CorruptSourceError, match=raised) as info:
+        convert(src, tmp_path / "out.ckpt")
+    assert str(src) in str(info.value)
+    assert not (tmp_path / "out.ckpt").exists()
