@@ -101,7 +101,7 @@ def test_partitioned_tensors_stream_in_small_chunks() -> None:
 def test_progress_is_reported(tmp_path: Path) -> None:
     seen: list[int] = []
     report = convert(DATA / "tf2", tmp_path / "out.ckpt", progress=seen.append)
-    assert seen and seen[-1] == report.bytes > 0
+    assert seen and sum(seen) == report.bytes > 0  # increments of tensor bytes
 
 
 def test_slice_keys_match_tensorflow() -> None:
