@@ -10,6 +10,7 @@ needs no seek.
 
 from __future__ import annotations
 
+import operator
 import os
 import sys
 from collections.abc import Callable
@@ -34,29 +35,42 @@ CHUNK_SIZE = 8 << 20
 #: Large blobs are hashed and written this much at a time: small enough to stay in cache between the two.
 HASH_PIECE = 1 << 20
 _MAX_WRITE = 1 << 30
+#: Most buffers one ``writev`` takes (POSIX IOV_MAX; 1024 on Linux).
+_IOV_MAX = 1024
+#: Largest alignment whose padding small blobs get from a shared zero buffer (larger ones go through the buffer).
+_ZERO_PAD = 1 << 16
 _BIG_ENDIAN_HOST = sys.byteorder == "big"
 
 #: Where the bytes go: a file descriptor, or a callable that writes all of a buffer.
 Sink = Union[int, Callable[[memoryview], object]]  # noqa: UP007 (a runtime alias: Python 3.10 has no `type`)
 
 
-def write_all(fd: Sink, data: memoryview | list[memoryview]) -> None:
+def write_all(fd: Sink, data: Any) -> None:
     """``os.write`` until every byte of ``data`` (one buffer, or a list written with ``writev``) is written.
 
-    A callable sink is handed each buffer in turn.
+    A list may hold memoryviews and C-contiguous numpy arrays (written in place, without a copy);
+    a callable sink is handed the list joined into one buffer.
     """
     if isinstance(data, list):
-        if isinstance(fd, int) and hasattr(os, "writev"):
-            done = os.writev(fd, data)
-            for part in data:  # the rest of a short writev, buffer by buffer
-                if done >= len(part):
-                    done -= len(part)
-                    continue
-                write_all(fd, part[done:])
-                done = 0
+        if not isinstance(fd, int):
+            fd(_byte_view(data[0]) if len(data) == 1 else memoryview(b"".join(data)))
             return
-        for part in data:
-            write_all(fd, part)
+        if not hasattr(os, "writev"):
+            for part in data:
+                write_all(fd, _byte_view(part))
+            return
+        for i in range(0, len(data), _IOV_MAX):
+            batch = data[i : i + _IOV_MAX] if len(data) > _IOV_MAX else data
+            done = os.writev(fd, batch)
+            if done == sum(map(_NBYTES, batch)):
+                continue
+            for part in batch:  # the rest of a short writev, buffer by buffer
+                view = _byte_view(part)
+                if done >= len(view):
+                    done -= len(view)
+                    continue
+                write_all(fd, view[done:])
+                done = 0
         return
     if not isinstance(fd, int):
         fd(data)
@@ -64,6 +78,17 @@ def write_all(fd: Sink, data: memoryview | list[memoryview]) -> None:
     while len(data):
         n = os.write(fd, data[:_MAX_WRITE])
         data = data[n:]
+
+
+_NBYTES = operator.attrgetter("nbytes")  # of a memoryview or a numpy array
+
+
+def _byte_view(part: Any) -> memoryview:
+    """A flat byte view of a C-contiguous buffer (a numpy array of a dtype without a buffer format included)."""
+    if isinstance(part, np.ndarray):
+        return part.reshape(-1).view(np.uint8).data
+    view = memoryview(part)
+    return view if view.format == "B" and view.ndim == 1 else view.cast("B")
 
 
 def _needs_conversion(arr: np.ndarray) -> bool:
@@ -112,6 +137,10 @@ class Writer:
         self._mv = memoryview(self._buf)
         self._as_array = np.frombuffer(self._buf, dtype=np.uint8)
         self._fill = 0
+        #: Buffers to write before the buffer's bytes: small blobs in place, and their padding
+        self._iov: list[Any] = []
+        self._iov_bytes = 0
+        self._zero = memoryview(bytes(min(alignment, _ZERO_PAD)))
         self._pos = 0
         self._dtype_codes: dict[str, int] = {}
         self._code: list[int] = []
@@ -125,19 +154,34 @@ class Writer:
         self._emit(memoryview(header.pack()))
         self._pad_to(blob_region_start(alignment))
 
-    # -- byte output
+    # -- byte output: pending in-place buffers (self._iov), then the batch buffer's [0, _fill)
     def _flush(self) -> None:
-        if self._fill:
-            write_all(self._fd, self._mv[: self._fill])
-            self._as_array[: self._fill] = 0
+        parts = self._iov
+        fill = self._fill
+        if fill:
+            parts.append(self._mv[:fill])
+        if parts:
+            write_all(self._fd, parts)
+            parts.clear()
+            self._iov_bytes = 0
+        if fill:
+            self._as_array[:fill] = 0
             self._fill = 0
 
     def _direct(self, data: memoryview) -> None:
-        """Write ``data`` in place, after what the buffer holds (one gathered write)."""
-        if self._fill and len(data) <= _MAX_WRITE:
-            write_all(self._fd, [self._mv[: self._fill], data])
-            self._as_array[: self._fill] = 0
-            self._fill = 0
+        """Write ``data`` in place, after what is pending (one gathered write)."""
+        if (self._fill or self._iov) and len(data) <= _MAX_WRITE:
+            fill = self._fill
+            parts = self._iov
+            if fill:
+                parts.append(self._mv[:fill])
+            parts.append(data)
+            write_all(self._fd, parts)
+            parts.clear()
+            self._iov_bytes = 0
+            if fill:
+                self._as_array[:fill] = 0
+                self._fill = 0
         else:
             self._flush()
             write_all(self._fd, data)
@@ -165,41 +209,58 @@ class Writer:
             pad -= n
 
     # -- blobs
+    def _kind(self, arr: Source, dtype: DType) -> tuple[int, bool]:
+        """The dtype code of a row, and whether its array's bytes are stored as they are in memory."""
+        if arr.itemsize != dtype.itemsize:
+            raise ValueError(f"array itemsize {arr.itemsize} does not match dtype {dtype.name}")
+        code = self._dtype_codes.setdefault(dtype.name, len(self._dtype_codes))
+        if type(arr) is not np.ndarray:
+            return code, False
+        order = arr.dtype.byteorder
+        return code, order == "|" or order == "<" or (order == "=" and not _BIG_ENDIAN_HOST)
+
     def write_blobs(self, items: list[tuple[Source, DType]]) -> None:
         """Append tensors' bytes, in table order.
 
-        The loop is written for the many-small-tensors case, where per-tensor overhead is the cost.
+        The loop is written for the many-small-tensors case, where per-tensor overhead is the cost:
+        a small C-contiguous array is hashed and queued in place (no copy) with its padding, and
+        the queue goes out in one ``writev`` per thousand buffers or ``BUFFER_SIZE`` bytes.
         """
         mask = self._alignment - 1
-        codes, code_col, ndim_col, shape_col = self._dtype_codes, self._code, self._ndim, self._shape
+        code_col, ndim_col, shape_col = self._code, self._ndim, self._shape
         offset_col, nbytes_col, sums = self._offset, self._nbytes, self._sums
-        mv, do_sum = self._mv, self._checksum
-        small = SMALL_BLOB if BUFFER_SIZE - SMALL_BLOB - mask > 0 else 0
-        native = "<" if _BIG_ENDIAN_HOST else "="
+        do_sum = self._checksum
+        small = SMALL_BLOB if self._alignment <= _ZERO_PAD else 0
+        iov, zero = self._iov, self._zero
+        ndarray, xxh = np.ndarray, checksum
+        last_adt: Any = None
+        last_dtype: Any = None
+        code, plain = 0, False
         for arr, dtype in items:
-            code = codes.get(dtype.name)
-            if code is None:
-                code = codes[dtype.name] = len(codes)
-            if arr.itemsize != dtype.itemsize:
-                raise ValueError(f"array itemsize {arr.itemsize} does not match dtype {dtype.name}")
+            if type(arr) is ndarray:
+                adt = arr.dtype
+                if adt is not last_adt or dtype is not last_dtype:
+                    code, plain = self._kind(arr, dtype)
+                    last_adt, last_dtype = adt, dtype
+            else:
+                code, plain = self._kind(arr, dtype)
+                last_adt = None
             nb = arr.nbytes
             if nb == 0:
                 off, digest = 0, EMPTY_CHECKSUM
-            elif nb < small and type(arr) is np.ndarray and arr.flags.c_contiguous and \
-                    arr.dtype.byteorder in (native, "|"):
+            elif plain and nb < small and arr.flags.c_contiguous:  # type: ignore[union-attr]  # plain: an ndarray
+                if self._fill:
+                    self._flush()  # the buffer's bytes come first
                 pos = self._pos
                 off = (pos + mask) & ~mask
-                if self._fill + (off - pos) + nb > BUFFER_SIZE:
-                    self._flush()
-                fill = self._fill + (off - pos)
-                try:
-                    raw: Any = arr.data.cast("B")
-                except (TypeError, ValueError):  # dtypes without a buffer format, e.g. ml_dtypes
-                    raw = _as_bytes(arr)
-                mv[fill : fill + nb] = raw
-                digest = checksum(raw) if do_sum else 0
-                self._fill = fill + nb
+                if off != pos:
+                    iov.append(zero[: off - pos])  # shorter than the alignment, which is at most _ZERO_PAD
+                iov.append(arr)
+                digest = xxh(arr) if do_sum else 0
                 self._pos = off + nb
+                self._iov_bytes += off - pos + nb
+                if len(iov) >= _IOV_MAX - 2 or self._iov_bytes >= BUFFER_SIZE:
+                    self._flush()
             else:
                 off = (self._pos + mask) & ~mask
                 self._pad_to(off)
