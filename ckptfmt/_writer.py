@@ -14,9 +14,11 @@ import operator
 import os
 import sys
 from collections.abc import Callable
+from itertools import chain
 from typing import Any, Union
 
 import numpy as np
+import xxhash
 
 from ._backend import Source
 from ._checksum import EMPTY_CHECKSUM, checksum, hasher
@@ -81,6 +83,30 @@ def write_all(fd: Sink, data: Any) -> None:
 
 
 _NBYTES = operator.attrgetter("nbytes")  # of a memoryview or a numpy array
+_DTYPE, _NDIM, _SHAPE = operator.attrgetter("dtype"), operator.attrgetter("ndim"), operator.attrgetter("shape")
+_FIRST, _SECOND = operator.itemgetter(0), operator.itemgetter(1)
+_NDARRAY_ONLY = {np.ndarray}
+_xxh3 = xxhash.xxh3_64_intdigest  # checksum(), without a Python call per small blob
+#: Rows written by one vectorised run at most (two buffers each: one ``writev``), and at first.
+_RUN = _IOV_MAX // 2
+_MIN_RUN = 16
+
+
+def _prefix(ok: np.ndarray) -> int:
+    """How many leading entries of a boolean array are true."""
+    return int(ok.argmin()) if not ok.all() else len(ok)
+
+
+def _contiguous_prefix(arrs: list[np.ndarray]) -> int:
+    for j, a in enumerate(arrs):
+        if not a.flags.c_contiguous:
+            return j
+    return len(arrs)
+
+
+def _may_run(arr: Any) -> bool:
+    """Whether a row may start a vectorised run: a small, non-empty plain numpy array."""
+    return type(arr) is np.ndarray and 0 < arr.nbytes < SMALL_BLOB
 
 
 def _byte_view(part: Any) -> memoryview:
@@ -141,6 +167,7 @@ class Writer:
         self._iov: list[Any] = []
         self._iov_bytes = 0
         self._zero = memoryview(bytes(min(alignment, _ZERO_PAD)))
+        self._zero_views: dict[int, memoryview] = {}
         self._pos = 0
         self._dtype_codes: dict[str, int] = {}
         self._code: list[int] = []
@@ -222,10 +249,119 @@ class Writer:
     def write_blobs(self, items: list[tuple[Source, DType]]) -> None:
         """Append tensors' bytes, in table order.
 
-        The loop is written for the many-small-tensors case, where per-tensor overhead is the cost:
-        a small C-contiguous array is hashed and queued in place (no copy) with its padding, and
-        the queue goes out in one ``writev`` per thousand buffers or ``BUFFER_SIZE`` bytes.
+        Written for the many-small-tensors case, where per-tensor overhead is the cost: runs of
+        small C-contiguous arrays are laid out, hashed and queued in place (no copy) with their
+        padding by whole-list operations, each run going out in one ``writev``; other rows go
+        through :meth:`_write_rows`, one at a time.
         """
+        n = len(items)
+        if self._alignment > _ZERO_PAD or n < _MIN_RUN:
+            self._write_rows(items)
+            return
+        kinds: dict[tuple[int, int], int] = {}
+        i, window = 0, _MIN_RUN
+        while i < n:
+            k = self._write_run(items, i, window, kinds)
+            if k:
+                i += k
+                window = min(2 * window, _RUN)
+                continue
+            window = _MIN_RUN  # a row that does not fit: on one at a time until the next that may
+            j = i + 1
+            while j < n and not _may_run(items[j][0]):
+                j += 1
+            self._write_rows(items[i:j])
+            i = j
+
+    def _write_run(self, items: list[tuple[Source, DType]], start: int, window: int,
+                   kinds: dict[tuple[int, int], int]) -> int:
+        """Write the rows from ``start`` on (at most ``window``) while they are small arrays stored as they are.
+
+        Returns how many rows were written (0: the first does not fit). ``kinds`` caches each
+        (numpy dtype, dtype) pair's code, or -1 for pairs whose bytes need converting; it is
+        keyed by ids, valid while ``items`` holds the objects.
+        """
+        rows = items[start : start + window]
+        arrs = list(map(_FIRST, rows))
+        n = len(arrs)
+        if set(map(type, arrs)) != _NDARRAY_ONLY:
+            n = next(j for j, a in enumerate(arrs) if type(a) is not np.ndarray)
+            if not n:
+                return 0
+            arrs, rows = arrs[:n], rows[:n]
+        adts, dts = list(map(_DTYPE, arrs)), list(map(_SECOND, rows))
+        if adts.count(adts[0]) == n and dts.count(dts[0]) == n:  # one dtype: the common case
+            key = (id(adts[0]), id(dts[0]))
+            if key not in kinds:
+                code, plain = self._kind(arrs[0], dts[0])  # raises on an itemsize mismatch
+                kinds[key] = code if plain else -1
+            codes = [kinds[key]] * n
+        else:
+            codes = []
+            for a, adt, dt in zip(arrs, adts, dts, strict=True):
+                key = (id(adt), id(dt))
+                if key not in kinds:
+                    code, plain = self._kind(a, dt)
+                    kinds[key] = code if plain else -1
+                codes.append(kinds[key])
+        sizes = list(map(_NBYTES, arrs))
+        if min(codes) < 0 or min(sizes) == 0 or max(sizes) >= SMALL_BLOB:
+            n = next(j for j in range(n) if codes[j] < 0 or not 0 < sizes[j] < SMALL_BLOB)
+            if not n:
+                return 0
+        nb = np.array(sizes[:n], np.int64)
+        mask = self._alignment - 1
+        padded = (nb + mask) & ~mask
+        ends = np.cumsum(padded)
+        if ends[-1] > BUFFER_SIZE:  # hashed bytes stay in cache until written
+            n = max(1, int(np.searchsorted(ends, BUFFER_SIZE, "right")))
+        arrs = arrs[:n]
+        try:
+            sums = list(map(_xxh3, arrs)) if self._checksum else None  # refuses a non-contiguous array
+        except (ValueError, BufferError, TypeError):
+            sums = None
+        if sums is None:
+            n = _contiguous_prefix(arrs)
+            if not n:
+                return 0
+            arrs = arrs[:n]
+            sums = list(map(_xxh3, arrs)) if self._checksum else [0] * n
+        if self._fill:
+            self._flush()  # the buffer's bytes come first
+        pos = self._pos
+        base = (pos + mask) & ~mask
+        del sizes[n:]
+        offsets = (ends[:n] - padded[:n] + base).tolist()
+        pads = [base - pos, *(padded[: n - 1] - nb[: n - 1]).tolist()]  # each shorter than the alignment
+        parts: list[Any] = [None] * (2 * n)
+        parts[0::2] = self._zeros(pads)
+        parts[1::2] = arrs
+        self._iov += parts
+        self._flush()
+        self._pos = offsets[-1] + sizes[-1]
+        del codes[n:]
+        self._code += codes
+        self._ndim += map(_NDIM, arrs)
+        self._shape += chain.from_iterable(map(_SHAPE, arrs))
+        self._offset += offsets
+        self._nbytes += sizes
+        self._sums += sums
+        return n
+
+    def _zeros(self, lengths: list[int]) -> list[memoryview]:
+        """Views of ``lengths`` zero bytes each (padding), kept for reuse."""
+        views = self._zero_views
+        try:
+            return list(map(views.__getitem__, lengths))
+        except KeyError:
+            if len(views) > 4096:
+                views.clear()
+            for k in set(lengths) - views.keys():
+                views[k] = self._zero[:k]
+            return list(map(views.__getitem__, lengths))
+
+    def _write_rows(self, items: list[tuple[Source, DType]]) -> None:
+        """Append rows one at a time (small contiguous arrays still go out in place, gathered)."""
         mask = self._alignment - 1
         code_col, ndim_col, shape_col = self._code, self._ndim, self._shape
         offset_col, nbytes_col, sums = self._offset, self._nbytes, self._sums
