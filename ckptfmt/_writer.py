@@ -341,8 +341,12 @@ class Writer:
         self._pos = offsets[-1] + sizes[-1]
         del codes[n:]
         self._code += codes
-        self._ndim += map(_NDIM, arrs)
-        self._shape += chain.from_iterable(map(_SHAPE, arrs))
+        ndims = list(map(_NDIM, arrs))
+        self._ndim += ndims
+        if ndims.count(1) == n and codes.count(codes[0]) == n:  # 1-D arrays of one dtype: shape from size
+            self._shape += (nb[:n] // arrs[0].itemsize).tolist()
+        else:
+            self._shape += chain.from_iterable(map(_SHAPE, arrs))
         self._offset += offsets
         self._nbytes += sizes
         self._sums += sums
