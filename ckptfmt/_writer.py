@@ -51,11 +51,17 @@ def write_all(fd: Sink, data: Any) -> None:
     """``os.write`` until every byte of ``data`` (one buffer, or a list written with ``writev``) is written.
 
     A list may hold memoryviews and C-contiguous numpy arrays (written in place, without a copy);
-    a callable sink is handed the list joined into one buffer.
+    a callable sink is handed all but the last joined into one buffer, then the last.
     """
     if isinstance(data, list):
-        if not isinstance(fd, int):
-            fd(_byte_view(data[0]) if len(data) == 1 else memoryview(b"".join(data)))
+        if not data:
+            return
+        if not isinstance(fd, int):  # the small buffers joined in one call; the last (maybe large) one apart
+            if len(data) > 2:
+                fd(memoryview(b"".join(data[:-1])))
+            elif len(data) == 2:
+                fd(_byte_view(data[0]))
+            fd(_byte_view(data[-1]))
             return
         if not hasattr(os, "writev"):
             for part in data:
