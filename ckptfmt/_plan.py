@@ -53,7 +53,7 @@ def plan(obj: Any) -> Plan:
     dtypes: list[DType] = []
     backends: dict[int, ArrayBackend] = {}  # leaf index -> its backend, for leaves not on the numpy fast path
     scalars: list[int] = []
-    shared: list[int] = []  # fast-path arrays that are views (.base set): they may share bytes with others
+    shared: list[int] = []  # leaves that may share bytes: fast-path views (.base set) and backend arrays
     seen: dict[int, tuple[Any, Any]] = {}
     by_numpy = numpy_dtypes()
     ndarray = np.ndarray
