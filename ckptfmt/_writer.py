@@ -1,9 +1,11 @@
 """The streaming Writer: header, then blobs as they come, then metadata and footer (spec §2).
 
-Memory stays bounded: small blobs are batched into one reusable buffer, large contiguous blobs are
-written straight from the caller's memory, a cache-sized piece at a time, each piece hashed just
-before it is written (so the write reads it from cache, not from memory a second time), and
-non-contiguous or byte-swapped arrays are converted a bounded chunk at a time. The output is a file
+Memory stays bounded: small contiguous blobs are hashed and queued in place with their padding
+(views of one zero buffer), and a batch of them (at most ``BUFFER_SIZE`` bytes) goes out in one
+``writev``, without a copy; large contiguous blobs are written straight from the caller's memory, a
+cache-sized piece at a time, each piece hashed just before it is written (so the write reads it from
+cache, not from memory a second time); other small pieces (header, converted bytes) go through one
+reusable buffer, and non-contiguous or byte-swapped arrays are converted a bounded chunk at a time. The output is a file
 descriptor or any callable that writes all of a buffer (a file object, a pipe, a socket): the format
 needs no seek.
 """
@@ -28,8 +30,8 @@ from ._header import Header
 from ._manifest import TensorTable, ViewTable, align_up, blob_region_start, pack_metadata
 from ._versions import minor_for
 
-#: Blobs below this are copied into the batch buffer; larger ones are written in place (gathered with
-#: what the buffer holds into one ``writev``), so neither copied nor followed by a zeroing of the buffer.
+#: Blobs below this are batched (queued in place when contiguous, else copied into the buffer); larger
+#: ones are written in place, a piece at a time, each gathered with what is pending into one ``writev``.
 SMALL_BLOB = 64 << 10
 BUFFER_SIZE = 4 << 20
 #: Largest temporary made when converting a non-contiguous or byte-swapped array.
