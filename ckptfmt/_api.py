@@ -7,6 +7,7 @@ import datetime as _dt
 import io
 import itertools
 import math
+import operator
 import os
 import threading
 from collections.abc import Callable, Iterable, Iterator
@@ -69,6 +70,10 @@ Target = Any
 DIRECTORY_READERS: list[Callable[[str], Any]] = []
 
 
+_FIRST, _SECOND = operator.itemgetter(0), operator.itemgetter(1)
+_SHAPE, _ITEMSIZE = operator.attrgetter("shape"), operator.attrgetter("itemsize")
+
+
 def _prepare(obj: Any, metadata: dict[str, Any] | None, alignment: int | None, limits: Limits | None,
              created: str) -> tuple[int, Plan, dict[str, Any], PackedTree]:
     """Alignment, save plan, user metadata (with the type side table, spec §4.8) and the packed tree.
@@ -88,10 +93,15 @@ def _prepare(obj: Any, metadata: dict[str, Any] | None, alignment: int | None, l
     if types:
         user = {**user, TYPES_KEY: types}
         containers += check_plain(types, what="a state dict's _metadata")
-    tree = fit_metadata(what.tree, shapes=[tuple(src.shape) for src, _ in what.rows],
-                        dtypes={dt.name for _, dt in what.rows}, views=what.views, user=user, producer=_producer(),
-                        created=created, containers=what.containers + containers, limits=limits or Limits(),
-                        itemsizes=[dt.itemsize for _, dt in what.rows])
+    sources, dtypes = list(map(_FIRST, what.rows)), list(map(_SECOND, what.rows))
+    shapes = list(map(_SHAPE, sources))
+    if set(map(type, shapes)) != {tuple}:  # e.g. torch.Size of a device source
+        shapes = [tuple(shape) for shape in shapes]
+    distinct = dict(zip(map(id, dtypes), dtypes, strict=True)).values()  # DType hashes in Python: by id
+    tree = fit_metadata(what.tree, shapes=shapes, dtypes={dt.name for dt in distinct},
+                        views=what.views, user=user, producer=_producer(), created=created,
+                        containers=what.containers + containers, limits=limits or Limits(),
+                        itemsizes=list(map(_ITEMSIZE, dtypes)))
     return align, what, user, tree
 
 

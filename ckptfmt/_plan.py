@@ -47,38 +47,64 @@ class Plan:
 
 def plan(obj: Any) -> Plan:
     """Encode ``obj`` and decide its rows and views."""
-    leaves: list[Leaf] = []
+    # one entry per distinct array, in parallel lists (no object per leaf: 20,000 small arrays are common)
+    objs: list[Any] = []
+    sources: list[Source] = []
+    dtypes: list[DType] = []
+    backends: dict[int, ArrayBackend] = {}  # leaf index -> its backend, for leaves not on the numpy fast path
+    scalars: list[int] = []
+    shared: list[int] = []  # leaves that may share bytes: fast-path views (.base set) and backend arrays
     seen: dict[int, tuple[Any, Any]] = {}
     by_numpy = numpy_dtypes()
+    ndarray = np.ndarray
 
     def add_array(leaf: Any) -> Any:
         hit = seen.get(id(leaf))
         if hit is not None:
             return hit[1]
-        be: ArrayBackend | None = None
-        source: Source
-        if type(leaf) is np.ndarray and leaf.dtype in by_numpy:  # the common case, without dispatch
-            source, dtype, scalar = leaf, by_numpy[leaf.dtype], False
+        row = len(objs)
+        if type(leaf) is ndarray:  # the common case, without dispatch
+            dtype = by_numpy.get(leaf.dtype)
+            if dtype is not None:
+                if leaf.base is not None:
+                    shared.append(row)
+                seen[id(leaf)] = (leaf, row)  # holding the leaf keeps its id from being reused during this save
+                objs.append(leaf)
+                sources.append(leaf)
+                dtypes.append(dtype)
+                return row
+        be = backend_for(leaf)
+        if be is None:
+            return None
+        try:
+            source, dtype, scalar = be.host_view(leaf)
+        except (UnsupportedDTypeError, UnsupportedObjectError) as e:
+            reason, kind = str(e), type(e)
+            raise EncodeError(lambda where: kind(f"{where}: {reason}")) from None
+        enc: Any = row
+        if scalar:
+            enc = msgpack.ExtType(EXT_SCALAR, row.to_bytes(4, "little"))
+            scalars.append(row)
         else:
-            be = backend_for(leaf)
-            if be is None:
-                return None
-            try:
-                source, dtype, scalar = be.host_view(leaf)
-            except (UnsupportedDTypeError, UnsupportedObjectError) as e:
-                reason, kind = str(e), type(e)
-                raise EncodeError(lambda where: kind(f"{where}: {reason}")) from None
-        row = len(leaves)
-        enc = msgpack.ExtType(EXT_SCALAR, row.to_bytes(4, "little")) if scalar else row
-        seen[id(leaf)] = (leaf, enc)  # holding the leaf keeps its id from being reused during this save
-        leaves.append(Leaf(leaf, be, source, dtype, scalar))
+            shared.append(row)
+        backends[row] = be
+        seen[id(leaf)] = (leaf, enc)
+        objs.append(leaf)
+        sources.append(source)
+        dtypes.append(dtype)
         return enc
 
     encoder = TreeEncoder(add_array)
     tree = encoder.encode(obj)
-    groups = [c for g in _shared_groups(leaves) for c in _overlapping(leaves, g) if len(c) > 1]
+    groups: list[list[int]] = []
+    if shared:
+        leaves = [Leaf(o, backends.get(i), s, d, False)
+                  for i, (o, s, d) in enumerate(zip(objs, sources, dtypes, strict=True))]
+        for i in scalars:
+            leaves[i].scalar = True
+        groups = [c for g in _shared_groups(leaves, shared) for c in _overlapping(leaves, g) if len(c) > 1]
     if not groups:
-        return Plan(tree, [(leaf.source, leaf.dtype) for leaf in leaves], None, encoder.containers)
+        return Plan(tree, list(zip(sources, dtypes, strict=True)), None, encoder.containers)
     encodings, rows, views = _assign(leaves, groups)
     final = {id(leaf.obj): enc for leaf, enc in zip(leaves, encodings, strict=True)}
     tree = TreeEncoder(lambda leaf: final.get(id(leaf))).encode(obj)
@@ -93,28 +119,40 @@ def _backend(leaf: Leaf) -> ArrayBackend:
     return leaf.backend
 
 
-def _shared_groups(leaves: list[Leaf]) -> list[list[int]]:
-    """Indices of leaves that live in one allocation, for allocations holding two leaves or more."""
+def _shared_groups(leaves: list[Leaf], candidates: list[int]) -> list[list[int]]:
+    """Indices of leaves that live in one allocation, for allocations holding two leaves or more.
+
+    ``candidates``: the leaves that may share (views and backend arrays); a plain numpy array that
+    owns its memory can share only with a view of it, and is looked up by the views' allocation key.
+    """
     by_key: dict[Any, list[int]] = {}
-    owners: list[int] = []
-    for i, leaf in enumerate(leaves):
+    for i in candidates:
+        leaf = leaves[i]
         src = leaf.source
         if leaf.scalar or src.nbytes == 0:
             continue
-        if isinstance(src, np.ndarray) and (src.dtype.byteorder == ">" or (src.dtype.byteorder == "=" and _BIG)):
+        if isinstance(src, np.ndarray) and _swapped(src):
             continue  # stored converted to little-endian: its bytes are not the allocation's
-        if leaf.backend is None and leaf.obj.base is None:
-            owners.append(i)  # owns its memory: can share only with a view of it, looked up below
-            continue
         key = _backend(leaf).alias_key(leaf.obj)
         if key is not None:
             by_key.setdefault(key, []).append(i)
     if by_key:
-        for i in owners:
-            group = by_key.get(("numpy", id(leaves[i].obj)))  # the numpy backend's alias_key of an owner
-            if group is not None:
-                group.append(i)
+        owners: dict[int, int] = {}  # id of an owning plain numpy array -> its leaf
+        for i, leaf in enumerate(leaves):
+            if leaf.backend is None and leaf.obj.base is None and leaf.source.nbytes and not _swapped(leaf.source):
+                owners[id(leaf.obj)] = i
+        for key, group in by_key.items():
+            if key[0] == "numpy":  # the numpy backend's alias_key: ("numpy", id of the owner)
+                owner = owners.get(key[1])
+                if owner is not None:
+                    group.append(owner)
     return [sorted(g) for g in by_key.values() if len(g) > 1]
+
+
+def _swapped(src: Any) -> bool:
+    """Whether a numpy array is stored byte-swapped (big-endian): then its bytes are not the allocation's."""
+    order = src.dtype.byteorder
+    return bool(order == ">" or (order == "=" and _BIG))
 
 
 def _overlapping(leaves: list[Leaf], members: list[int]) -> list[list[int]]:

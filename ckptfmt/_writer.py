@@ -1,21 +1,26 @@
 """The streaming Writer: header, then blobs as they come, then metadata and footer (spec §2).
 
-Memory stays bounded: small blobs are batched into one reusable buffer, large contiguous blobs are
-written straight from the caller's memory, a cache-sized piece at a time, each piece hashed just
-before it is written (so the write reads it from cache, not from memory a second time), and
-non-contiguous or byte-swapped arrays are converted a bounded chunk at a time. The output is a file
+Memory stays bounded: small contiguous blobs are hashed and queued in place with their padding
+(views of one zero buffer), and a batch of them (at most ``BUFFER_SIZE`` bytes) goes out in one
+``writev``, without a copy; large contiguous blobs are written straight from the caller's memory, a
+cache-sized piece at a time, each piece hashed just before it is written (so the write reads it from
+cache, not from memory a second time); other small pieces (header, converted bytes) go through one
+reusable buffer, and non-contiguous or byte-swapped arrays are converted a bounded chunk at a time. The output is a file
 descriptor or any callable that writes all of a buffer (a file object, a pipe, a socket): the format
 needs no seek.
 """
 
 from __future__ import annotations
 
+import operator
 import os
 import sys
 from collections.abc import Callable
+from itertools import chain
 from typing import Any, Union
 
 import numpy as np
+import xxhash
 
 from ._backend import Source
 from ._checksum import EMPTY_CHECKSUM, checksum, hasher
@@ -25,8 +30,8 @@ from ._header import Header
 from ._manifest import TensorTable, ViewTable, align_up, blob_region_start, pack_metadata
 from ._versions import minor_for
 
-#: Blobs below this are copied into the batch buffer; larger ones are written in place (gathered with
-#: what the buffer holds into one ``writev``), so neither copied nor followed by a zeroing of the buffer.
+#: Blobs below this are batched (queued in place when contiguous, else copied into the buffer); larger
+#: ones are written in place, a piece at a time, each gathered with what is pending into one ``writev``.
 SMALL_BLOB = 64 << 10
 BUFFER_SIZE = 4 << 20
 #: Largest temporary made when converting a non-contiguous or byte-swapped array.
@@ -34,6 +39,10 @@ CHUNK_SIZE = 8 << 20
 #: Large blobs are hashed and written this much at a time: small enough to stay in cache between the two.
 HASH_PIECE = 1 << 20
 _MAX_WRITE = 1 << 30
+#: Most buffers one ``writev`` takes (POSIX IOV_MAX; 1024 on Linux).
+_IOV_MAX = 1024
+#: Largest alignment whose padding small blobs get from a shared zero buffer (larger ones go through the buffer).
+_ZERO_PAD = 1 << 16
 _BIG_ENDIAN_HOST = sys.byteorder == "big"
 
 #: Where the bytes go: a file descriptor, or a callable that writes all of a buffer.
@@ -42,23 +51,38 @@ Sink = Union[int, Callable[[memoryview], object]]  # noqa: UP007 (a runtime alia
 ProgressCallback = Callable[[int], object]
 
 
-def write_all(fd: Sink, data: memoryview | list[memoryview]) -> None:
+def write_all(fd: Sink, data: Any) -> None:
     """``os.write`` until every byte of ``data`` (one buffer, or a list written with ``writev``) is written.
 
-    A callable sink is handed each buffer in turn.
+    A list may hold memoryviews and C-contiguous numpy arrays (written in place, without a copy);
+    a callable sink is handed all but the last joined into one buffer, then the last.
     """
     if isinstance(data, list):
-        if isinstance(fd, int) and hasattr(os, "writev"):
-            done = os.writev(fd, data)
-            for part in data:  # the rest of a short writev, buffer by buffer
-                if done >= len(part):
-                    done -= len(part)
-                    continue
-                write_all(fd, part[done:])
-                done = 0
+        if not data:
             return
-        for part in data:
-            write_all(fd, part)
+        if not isinstance(fd, int):  # the small buffers joined in one call; the last (maybe large) one apart
+            if len(data) > 2:
+                fd(memoryview(b"".join(data[:-1])))
+            elif len(data) == 2:
+                fd(_byte_view(data[0]))
+            fd(_byte_view(data[-1]))
+            return
+        if not hasattr(os, "writev"):
+            for part in data:
+                write_all(fd, _byte_view(part))
+            return
+        for i in range(0, len(data), _IOV_MAX):
+            batch = data[i : i + _IOV_MAX] if len(data) > _IOV_MAX else data
+            done = os.writev(fd, batch)
+            if done == sum(map(_NBYTES, batch)):
+                continue
+            for part in batch:  # the rest of a short writev, buffer by buffer
+                view = _byte_view(part)
+                if done >= len(view):
+                    done -= len(view)
+                    continue
+                write_all(fd, view[done:])
+                done = 0
         return
     if not isinstance(fd, int):
         fd(data)
@@ -66,6 +90,41 @@ def write_all(fd: Sink, data: memoryview | list[memoryview]) -> None:
     while len(data):
         n = os.write(fd, data[:_MAX_WRITE])
         data = data[n:]
+
+
+_NBYTES = operator.attrgetter("nbytes")  # of a memoryview or a numpy array
+_DTYPE, _NDIM, _SHAPE = operator.attrgetter("dtype"), operator.attrgetter("ndim"), operator.attrgetter("shape")
+_FIRST, _SECOND = operator.itemgetter(0), operator.itemgetter(1)
+_NDARRAY_ONLY = {np.ndarray}
+_xxh3 = xxhash.xxh3_64_intdigest  # checksum(), without a Python call per small blob
+#: Rows written by one vectorised run at most (two buffers each: one ``writev``), and at first.
+_RUN = _IOV_MAX // 2
+_MIN_RUN = 16
+
+
+def _prefix(ok: np.ndarray) -> int:
+    """How many leading entries of a boolean array are true."""
+    return int(ok.argmin()) if not ok.all() else len(ok)
+
+
+def _contiguous_prefix(arrs: list[np.ndarray]) -> int:
+    for j, a in enumerate(arrs):
+        if not a.flags.c_contiguous:
+            return j
+    return len(arrs)
+
+
+def _may_run(arr: Any) -> bool:
+    """Whether a row may start a vectorised run: a small, non-empty plain numpy array."""
+    return type(arr) is np.ndarray and 0 < arr.nbytes < SMALL_BLOB
+
+
+def _byte_view(part: Any) -> memoryview:
+    """A flat byte view of a C-contiguous buffer (a numpy array of a dtype without a buffer format included)."""
+    if isinstance(part, np.ndarray):
+        return part.reshape(-1).view(np.uint8).data
+    view = memoryview(part)
+    return view if view.format == "B" and view.ndim == 1 else view.cast("B")
 
 
 def _needs_conversion(arr: np.ndarray) -> bool:
@@ -121,6 +180,11 @@ class Writer:
         self._mv = memoryview(self._buf)
         self._as_array = np.frombuffer(self._buf, dtype=np.uint8)
         self._fill = 0
+        #: Buffers to write before the buffer's bytes: small blobs in place, and their padding
+        self._iov: list[Any] = []
+        self._iov_bytes = 0
+        self._zero = memoryview(bytes(min(alignment, _ZERO_PAD)))
+        self._zero_views: dict[int, memoryview] = {}
         self._pos = 0
         self._dtype_codes: dict[str, int] = {}
         self._code: list[int] = []
@@ -134,19 +198,34 @@ class Writer:
         self._emit(memoryview(header.pack()))
         self._pad_to(blob_region_start(alignment))
 
-    # -- byte output
+    # -- byte output: pending in-place buffers (self._iov), then the batch buffer's [0, _fill)
     def _flush(self) -> None:
-        if self._fill:
-            write_all(self._fd, self._mv[: self._fill])
-            self._as_array[: self._fill] = 0
+        parts = self._iov
+        fill = self._fill
+        if fill:
+            parts.append(self._mv[:fill])
+        if parts:
+            write_all(self._fd, parts)
+            parts.clear()
+            self._iov_bytes = 0
+        if fill:
+            self._as_array[:fill] = 0
             self._fill = 0
 
     def _direct(self, data: memoryview) -> None:
-        """Write ``data`` in place, after what the buffer holds (one gathered write)."""
-        if self._fill and len(data) <= _MAX_WRITE:
-            write_all(self._fd, [self._mv[: self._fill], data])
-            self._as_array[: self._fill] = 0
-            self._fill = 0
+        """Write ``data`` in place, after what is pending (one gathered write)."""
+        if (self._fill or self._iov) and len(data) <= _MAX_WRITE:
+            fill = self._fill
+            parts = self._iov
+            if fill:
+                parts.append(self._mv[:fill])
+            parts.append(data)
+            write_all(self._fd, parts)
+            parts.clear()
+            self._iov_bytes = 0
+            if fill:
+                self._as_array[:fill] = 0
+                self._fill = 0
         else:
             self._flush()
             write_all(self._fd, data)
@@ -174,41 +253,173 @@ class Writer:
             pad -= n
 
     # -- blobs
+    def _kind(self, arr: Source, dtype: DType) -> tuple[int, bool]:
+        """The dtype code of a row, and whether its array's bytes are stored as they are in memory."""
+        if arr.itemsize != dtype.itemsize:
+            raise ValueError(f"array itemsize {arr.itemsize} does not match dtype {dtype.name}")
+        code = self._dtype_codes.setdefault(dtype.name, len(self._dtype_codes))
+        if type(arr) is not np.ndarray:
+            return code, False
+        order = arr.dtype.byteorder
+        return code, order == "|" or order == "<" or (order == "=" and not _BIG_ENDIAN_HOST)
+
     def write_blobs(self, items: list[tuple[Source, DType]]) -> None:
         """Append tensors' bytes, in table order.
 
-        The loop is written for the many-small-tensors case, where per-tensor overhead is the cost.
+        Written for the many-small-tensors case, where per-tensor overhead is the cost: runs of
+        small C-contiguous arrays are laid out, hashed and queued in place (no copy) with their
+        padding by whole-list operations, each run going out in one ``writev``; other rows go
+        through :meth:`_write_rows`, one at a time.
         """
+        n = len(items)
+        if self._alignment > _ZERO_PAD or n < _MIN_RUN:
+            self._write_rows(items)
+            return
+        kinds: dict[tuple[int, int], int] = {}
+        i, window = 0, _MIN_RUN
+        while i < n:
+            k = self._write_run(items, i, window, kinds)
+            if k:
+                i += k
+                window = min(2 * window, _RUN)
+                continue
+            window = _MIN_RUN  # a row that does not fit: on one at a time until the next that may
+            j = i + 1
+            while j < n and not _may_run(items[j][0]):
+                j += 1
+            self._write_rows(items[i:j])
+            i = j
+
+    def _write_run(self, items: list[tuple[Source, DType]], start: int, window: int,
+                   kinds: dict[tuple[int, int], int]) -> int:
+        """Write the rows from ``start`` on (at most ``window``) while they are small arrays stored as they are.
+
+        Returns how many rows were written (0: the first does not fit). ``kinds`` caches each
+        (numpy dtype, dtype) pair's code, or -1 for pairs whose bytes need converting; it is
+        keyed by ids, valid while ``items`` holds the objects.
+        """
+        rows = items[start : start + window]
+        arrs = list(map(_FIRST, rows))
+        n = len(arrs)
+        if set(map(type, arrs)) != _NDARRAY_ONLY:
+            n = next(j for j, a in enumerate(arrs) if type(a) is not np.ndarray)
+            if not n:
+                return 0
+            arrs, rows = arrs[:n], rows[:n]
+        adts, dts = list(map(_DTYPE, arrs)), list(map(_SECOND, rows))
+        if adts.count(adts[0]) == n and dts.count(dts[0]) == n:  # one dtype: the common case
+            key = (id(adts[0]), id(dts[0]))
+            if key not in kinds:
+                code, plain = self._kind(arrs[0], dts[0])  # raises on an itemsize mismatch
+                kinds[key] = code if plain else -1
+            codes = [kinds[key]] * n
+        else:
+            codes = []
+            for a, adt, dt in zip(arrs, adts, dts, strict=True):
+                key = (id(adt), id(dt))
+                if key not in kinds:
+                    code, plain = self._kind(a, dt)
+                    kinds[key] = code if plain else -1
+                codes.append(kinds[key])
+        sizes = list(map(_NBYTES, arrs))
+        if min(codes) < 0 or min(sizes) == 0 or max(sizes) >= SMALL_BLOB:
+            n = next(j for j in range(n) if codes[j] < 0 or not 0 < sizes[j] < SMALL_BLOB)
+            if not n:
+                return 0
+        nb = np.array(sizes[:n], np.int64)
         mask = self._alignment - 1
-        codes, code_col, ndim_col, shape_col = self._dtype_codes, self._code, self._ndim, self._shape
+        padded = (nb + mask) & ~mask
+        ends = np.cumsum(padded)
+        if ends[-1] > BUFFER_SIZE:  # hashed bytes stay in cache until written
+            n = max(1, int(np.searchsorted(ends, BUFFER_SIZE, "right")))
+        arrs = arrs[:n]
+        try:
+            sums = list(map(_xxh3, arrs)) if self._checksum else None  # refuses a non-contiguous array
+        except (ValueError, BufferError, TypeError):
+            sums = None
+        if sums is None:
+            n = _contiguous_prefix(arrs)
+            if not n:
+                return 0
+            arrs = arrs[:n]
+            sums = list(map(_xxh3, arrs)) if self._checksum else [0] * n
+        if self._fill:
+            self._flush()  # the buffer's bytes come first
+        pos = self._pos
+        base = (pos + mask) & ~mask
+        del sizes[n:]
+        offsets = (ends[:n] - padded[:n] + base).tolist()
+        pads = [base - pos, *(padded[: n - 1] - nb[: n - 1]).tolist()]  # each shorter than the alignment
+        parts: list[Any] = [None] * (2 * n)
+        parts[0::2] = self._zeros(pads)
+        parts[1::2] = arrs
+        self._iov += parts
+        self._flush()
+        self._pos = offsets[-1] + sizes[-1]
+        del codes[n:]
+        self._code += codes
+        ndims = list(map(_NDIM, arrs))
+        self._ndim += ndims
+        if ndims.count(1) == n and codes.count(codes[0]) == n:  # 1-D arrays of one dtype: shape from size
+            self._shape += (nb[:n] // arrs[0].itemsize).tolist()
+        else:
+            self._shape += chain.from_iterable(map(_SHAPE, arrs))
+        self._offset += offsets
+        self._nbytes += sizes
+        self._sums += sums
+        if self._progress is not None:  # the run went out whole: report it as one increment
+            self._progress(sum(sizes))
+        return n
+
+    def _zeros(self, lengths: list[int]) -> list[memoryview]:
+        """Views of ``lengths`` zero bytes each (padding), kept for reuse."""
+        views = self._zero_views
+        try:
+            return list(map(views.__getitem__, lengths))
+        except KeyError:
+            if len(views) > 4096:
+                views.clear()
+            for k in set(lengths) - views.keys():
+                views[k] = self._zero[:k]
+            return list(map(views.__getitem__, lengths))
+
+    def _write_rows(self, items: list[tuple[Source, DType]]) -> None:
+        """Append rows one at a time (small contiguous arrays still go out in place, gathered)."""
+        mask = self._alignment - 1
+        code_col, ndim_col, shape_col = self._code, self._ndim, self._shape
         offset_col, nbytes_col, sums = self._offset, self._nbytes, self._sums
-        mv, do_sum, progress = self._mv, self._checksum, self._progress
-        small = SMALL_BLOB if BUFFER_SIZE - SMALL_BLOB - mask > 0 else 0
-        native = "<" if _BIG_ENDIAN_HOST else "="
+        do_sum, progress = self._checksum, self._progress
+        small = SMALL_BLOB if self._alignment <= _ZERO_PAD else 0
+        iov, zero = self._iov, self._zero
+        ndarray, xxh = np.ndarray, checksum
+        last_adt: Any = None
+        last_dtype: Any = None
+        code, plain = 0, False
         for arr, dtype in items:
-            code = codes.get(dtype.name)
-            if code is None:
-                code = codes[dtype.name] = len(codes)
-            if arr.itemsize != dtype.itemsize:
-                raise ValueError(f"array itemsize {arr.itemsize} does not match dtype {dtype.name}")
+            if type(arr) is ndarray:
+                adt = arr.dtype
+                if adt is not last_adt or dtype is not last_dtype:
+                    code, plain = self._kind(arr, dtype)
+                    last_adt, last_dtype = adt, dtype
+            else:
+                code, plain = self._kind(arr, dtype)
+                last_adt = None
             nb = arr.nbytes
             if nb == 0:
                 off, digest = 0, EMPTY_CHECKSUM
-            elif nb < small and type(arr) is np.ndarray and arr.flags.c_contiguous and \
-                    arr.dtype.byteorder in (native, "|"):
+            elif plain and nb < small and arr.flags.c_contiguous:  # type: ignore[union-attr]  # plain: an ndarray
+                if self._fill:
+                    self._flush()  # the buffer's bytes come first
                 pos = self._pos
                 off = (pos + mask) & ~mask
-                if self._fill + (off - pos) + nb > BUFFER_SIZE:
-                    self._flush()
-                fill = self._fill + (off - pos)
-                try:
-                    raw: Any = arr.data.cast("B")
-                except (TypeError, ValueError):  # dtypes without a buffer format, e.g. ml_dtypes
-                    raw = _as_bytes(arr)
-                mv[fill : fill + nb] = raw
-                digest = checksum(raw) if do_sum else 0
-                self._fill = fill + nb
+                if off != pos:
+                    iov.append(zero[: off - pos])  # shorter than the alignment, which is at most _ZERO_PAD
+                iov.append(arr)
+                digest = xxh(arr) if do_sum else 0
                 self._pos = off + nb
+                self._iov_bytes += off - pos + nb
+                if len(iov) >= _IOV_MAX - 2 or self._iov_bytes >= BUFFER_SIZE:
+                    self._flush()
             else:
                 off = (self._pos + mask) & ~mask
                 self._pad_to(off)
