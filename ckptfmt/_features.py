@@ -16,7 +16,7 @@ from ._versions import FEATURE_COMPRESSED, FEATURE_PACKED
 from .errors import InvalidMetadataError
 
 if TYPE_CHECKING:
-    from ._manifest import TensorTable
+    from ._tables import TensorTable
 
 _U8 = np.dtype("u1")
 _U64 = np.dtype("<u8")

@@ -1,14 +1,15 @@
-"""The metadata map: the object tree, the columnar tensor table, producer and user metadata (spec §4).
+"""The reader's side of the metadata (spec §4, §8): untrusted bytes decoded, checked, and made a :class:`Manifest`.
 
-Untrusted bytes become a :class:`Manifest` only through :func:`parse_manifest`, which applies every
-validation rule of §8 that does not need the blob bytes themselves.
+Untrusted bytes become a :class:`~ckptfmt._tables.Manifest` only through :func:`parse_manifest`, which
+applies every validation rule of §8 that does not need the blob bytes themselves: the caps of §8.1
+(metadata length, nesting depth, containers per byte, rows, dimensions), the tree's leaf and key types
+(§4.2), the tensor table's columns and sizes (§4.3, §8.2), the view table's extents (§4.7), that every
+row is referenced exactly by the tree (§8.2), and the blob layout (§4.5).
 """
 
 from __future__ import annotations
 
 import gc
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
@@ -16,483 +17,41 @@ import numpy as np
 
 from ._checksum import EMPTY_CHECKSUM
 from ._dtypes import DTYPES
-from ._header import HEADER_SIZE
+from ._features import packed_layout, parse_features
+from ._plain import check_plain
+from ._tables import (
+    EMPTY_VIEWS,
+    EXT_INT,
+    EXT_MAP,
+    EXT_SCALAR,
+    EXT_TUPLE,
+    EXT_VIEW,
+    KNOWN_SECTIONS,
+    TENSOR_COLUMNS,
+    VIEW_COLUMNS,
+    Limits,
+    Manifest,
+    PlainInt,
+    TensorRef,
+    TensorTable,
+    ViewRef,
+    ViewTable,
+    blob_region_start,
+    container_budget,
+    nonzero_bytes,
+)
 from ._versions import FORMAT_MINOR
 from .errors import (
-    CheckpointError,
-    InvalidKeyError,
     InvalidMetadataError,
     MetadataLimitError,
     ObjectLimitError,
     UnsupportedObjectError,
 )
 
-EXT_TENSOR = 1
-EXT_TUPLE = 2
-EXT_SCALAR = 3
-EXT_INT = 4
-EXT_MAP = 5
-EXT_VIEW = 6
 _I64 = np.dtype("<i8")
 _U64 = np.dtype("<u8")
 _U8 = np.dtype("u1")
-
-
-@dataclass(frozen=True)
-class Limits:
-    """Caps a reader applies to untrusted metadata before trusting it (spec §8.1); all configurable."""
-
-    max_metadata_bytes: int = 256 << 20
-    max_depth: int = 64
-    #: below what the metadata cap allows (a row costs at least 27 bytes), so that this cap can trigger
-    max_tensors: int = 1 << 23
-    max_ndim: int = 64
-    #: at most one decoded container (list, map, tuple) per this many metadata bytes, plus 4096 (0: no cap)
-    bytes_per_container: int = 4
-    #: a view may span at most this many times its base's bytes (stride 0 repeats elements)
-    max_view_expansion: int = 1 << 16
-
-
-@dataclass(frozen=True, slots=True)
-class TensorRef:
-    """A decoded array-scalar leaf (ext 3): row ``index`` of the tensor table, returned as a scalar.
-
-    In a decoded tree a plain ``int`` (exactly type int) is a tensor reference (§4.2); plain integer
-    values decode as :class:`PlainInt`.
-    """
-
-    index: int
-    scalar: bool = True
-
-
-@dataclass(frozen=True, slots=True)
-class ViewRef:
-    """A decoded view leaf (ext 6): row ``index`` of the view table (§4.7)."""
-
-    index: int
-
-
-class PlainInt(int):
-    """An integer value of the tree (ext 4), told apart from tensor references by its type."""
-
-
-def tensor_ref(node: Any) -> tuple[int, bool] | None:
-    """(row, is_scalar) if ``node`` is a tensor leaf of a decoded tree, else None."""
-    t = type(node)
-    if t is int:
-        return node, False
-    if t is TensorRef:
-        return node.index, True
-    return None
-
-
-@dataclass(frozen=True)
-class TensorEntry:
-    """One row of the tensor table (§4.3): what a blob holds and where."""
-
-    index: int
-    dtype: str
-    shape: tuple[int, ...]
-    offset: int
-    nbytes: int
-    checksum: int | None
-
-
-@dataclass
-class TensorTable:
-    """The tensor table as columns, so that a million rows cost a few numpy arrays, not a million objects."""
-
-    dtype_names: list[str]
-    dtype_code: np.ndarray
-    ndim: np.ndarray
-    shape_flat: np.ndarray
-    offset: np.ndarray
-    nbytes: np.ndarray
-    checksum: np.ndarray | None
-    _shapes: list[tuple[int, ...]] | None = field(default=None, repr=False)
-    _ends: np.ndarray | None = field(default=None, repr=False)
-    # format 1.1, compressed blobs (§13.2): None/0 when the file has none
-    codec_names: list[str] | None = None
-    codec: np.ndarray | None = None
-    stored: np.ndarray | None = None
-    piece_count: np.ndarray | None = None
-    piece_bytes: np.ndarray | None = None
-    chunk_bytes: int = 0
-    piece_start: np.ndarray | None = field(default=None, repr=False)
-    # format 1.1, packed blobs (§14): 0 when the file has none
-    pack_alignment: int = 0
-    pack_below: int = 0
-    #: where each blob's zero padding ends (set by the layout check of a packed file)
-    gap_end: np.ndarray | None = field(default=None, repr=False)
-
-    def __len__(self) -> int:
-        return len(self.offset)
-
-    def stored_sizes(self) -> np.ndarray:
-        """Bytes each blob occupies in the file: ``stored`` (§13.2), else ``nbytes``."""
-        return self.nbytes if self.stored is None else self.stored
-
-    def codec_of(self, i: int) -> str:
-        """Row ``i``'s codec name (``raw`` in a file without compressed blobs)."""
-        return "raw" if self.codec is None or self.codec_names is None else self.codec_names[int(self.codec[i])]
-
-    def padding_end(self, i: int, alignment: int) -> int:
-        """Where the zero padding after row ``i``'s blob ends: the next blob, or the metadata."""
-        if self.gap_end is not None:
-            return int(self.gap_end[i])
-        return align_up(int(self.offset[i]) + int(self.stored_sizes()[i]), alignment)
-
-    def shape(self, i: int) -> tuple[int, ...]:
-        """Shape of row ``i`` (without building every row's shape: a lazy get reads one row)."""
-        if self._shapes is not None:
-            return self._shapes[i]
-        if self._ends is None:
-            self._ends = np.cumsum(self.ndim, dtype=np.int64)
-        end = int(self._ends[i])
-        return tuple(self.shape_flat[end - int(self.ndim[i]) : end].tolist())
-
-    def shapes(self) -> list[tuple[int, ...]]:
-        """Every row's shape, computed once."""
-        if self._shapes is None:
-            flat = self.shape_flat.tolist()
-            ndim = self.ndim.tolist()
-            ends = np.cumsum(self.ndim, dtype=np.int64).tolist()
-            self._shapes = [tuple(flat[e - n : e]) for e, n in zip(ends, ndim, strict=True)]
-        return self._shapes
-
-    def entry(self, i: int) -> TensorEntry:
-        """Row ``i`` as a :class:`TensorEntry`."""
-        return TensorEntry(
-            index=i,
-            dtype=self.dtype_names[int(self.dtype_code[i])],
-            shape=self.shape(i),
-            offset=int(self.offset[i]),
-            nbytes=int(self.nbytes[i]),
-            checksum=None if self.checksum is None else int(self.checksum[i]),
-        )
-
-    def pack(self) -> dict[str, Any]:
-        """The ``tensors`` map as written to the file."""
-        out: dict[str, Any] = {
-            "count": len(self),
-            "dtypes": self.dtype_names,
-            "dtype": self.dtype_code.astype(_U8).tobytes(),
-            "ndim": self.ndim.astype(_U8).tobytes(),
-            "shape": self.shape_flat.astype(_U64).tobytes(),
-            "offset": self.offset.astype(_U64).tobytes(),
-            "nbytes": self.nbytes.astype(_U64).tobytes(),
-        }
-        if self.checksum is not None:
-            out["checksum"] = self.checksum.astype(_U64).tobytes()
-        if self.codec is not None and self.stored is not None and self.piece_count is not None \
-                and self.piece_bytes is not None:  # §13.2
-            out.update(codecs=self.codec_names, codec=self.codec.astype(_U8).tobytes(),
-                       stored=self.stored.astype(_U64).tobytes(), pieces=self.piece_count.astype(_U64).tobytes(),
-                       piece_bytes=self.piece_bytes.astype(_U64).tobytes(), chunk_bytes=self.chunk_bytes)
-        if self.pack_alignment:  # §14
-            out.update(pack_alignment=self.pack_alignment, pack_below=self.pack_below)
-        return out
-
-
-@dataclass(frozen=True)
-class ViewEntry:
-    """One row of the view table (§4.7)."""
-
-    index: int
-    dtype: str
-    shape: tuple[int, ...]
-    strides: tuple[int, ...]
-    base: int
-    offset: int
-
-
-@dataclass
-class ViewTable:
-    """The view table as columns (§4.7)."""
-
-    dtype_names: list[str]
-    dtype_code: np.ndarray
-    ndim: np.ndarray
-    shape_flat: np.ndarray
-    strides_flat: np.ndarray
-    base: np.ndarray
-    offset: np.ndarray
-    _ends: np.ndarray | None = field(default=None, repr=False)
-
-    def __len__(self) -> int:
-        return len(self.base)
-
-    def entry(self, i: int) -> ViewEntry:
-        """Row ``i`` as a :class:`ViewEntry`."""
-        if self._ends is None:
-            self._ends = np.cumsum(self.ndim, dtype=np.int64)
-        e, n = int(self._ends[i]), int(self.ndim[i])
-        return ViewEntry(i, self.dtype_names[int(self.dtype_code[i])],
-                         tuple(self.shape_flat[e - n : e].tolist()), tuple(self.strides_flat[e - n : e].tolist()),
-                         int(self.base[i]), int(self.offset[i]))
-
-    def pack(self) -> dict[str, Any]:
-        """The ``views`` map as written to the file."""
-        return {
-            "count": len(self),
-            "dtypes": self.dtype_names,
-            "dtype": self.dtype_code.astype(_U8).tobytes(),
-            "ndim": self.ndim.astype(_U8).tobytes(),
-            "shape": self.shape_flat.astype(_U64).tobytes(),
-            "strides": self.strides_flat.astype(_I64).tobytes(),
-            "base": self.base.astype(_U64).tobytes(),
-            "offset": self.offset.astype(_U64).tobytes(),
-        }
-
-    @classmethod
-    def build(cls, entries: list[ViewEntry]) -> ViewTable:
-        """A table from rows, in order."""
-        names: dict[str, int] = {}
-        codes = [names.setdefault(e.dtype, len(names)) for e in entries]
-        return cls(list(names), np.asarray(codes, np.uint8), np.asarray([len(e.shape) for e in entries], np.uint8),
-                   np.asarray([d for e in entries for d in e.shape], np.uint64),
-                   np.asarray([s for e in entries for s in e.strides], np.int64),
-                   np.asarray([e.base for e in entries], np.uint64), np.asarray([e.offset for e in entries], np.uint64))
-
-
-EMPTY_VIEWS = ViewTable([], np.zeros(0, np.uint8), np.zeros(0, np.uint8), np.zeros(0, np.uint64),
-                        np.zeros(0, np.int64), np.zeros(0, np.uint64), np.zeros(0, np.uint64))
-
-
-@dataclass(frozen=True)
-class Manifest:
-    """The parsed metadata map (§4.1)."""
-
-    tree: Any
-    tensors: TensorTable
-    producer: dict[str, Any]
-    created: str
-    user: dict[str, Any]
-    views: ViewTable
-    #: top-level keys this reader does not know (from a later minor version), kept verbatim.
-    unknown: dict[str, Any]
-
-
-# ------------------------------------------------------------------ writing
-
-
-class EncodeError(Exception):
-    """Raised inside encoding for an unsupported value; the key path is filled in as it unwinds.
-
-    ``make(where)`` builds the user-facing error once the path is known.
-    """
-
-    def __init__(self, make: Callable[[str], CheckpointError]) -> None:
-        self.make = make
-        self.path: list[str | int] = []
-
-
-class TreeEncoder:
-    """Turns a user object into a msgpack-ready tree (§4.2), handing each array leaf to ``add_array``.
-
-    ``add_array(leaf)`` returns the leaf's encoding (a tensor-table row, or an ext for array
-    scalars), or None when the leaf is not an array.
-    """
-
-    def __init__(self, add_array: Callable[[Any], Any], *, max_depth: int = Limits.max_depth) -> None:
-        self._add_array = add_array
-        self._max_depth = max_depth
-        #: lists, tuples and dicts encoded: a reader caps their number (§8.1)
-        self.containers = 0
-
-    def encode(self, obj: Any) -> Any:
-        """Encode ``obj``; raises :class:`UnsupportedObjectError` naming the key path of a bad value."""
-        try:
-            return self._encode(obj, 0)
-        except EncodeError as e:
-            raise e.make(_where(tuple(reversed(e.path)))) from None
-
-    def _encode(self, obj: Any, depth: int) -> Any:
-        t = type(obj)
-        if t is dict:
-            return self._encode_dict(obj, depth)
-        if t is str or t is float or t is bool or obj is None or t is bytes:
-            return obj
-        if t is int:
-            return _encode_int(obj)
-        enc = self._add_array(obj)
-        if enc is not None:
-            return enc
-        if depth >= self._max_depth and isinstance(obj, (dict, list, tuple)):
-            raise EncodeError(lambda w: ObjectLimitError(f"{w}: nesting deeper than {self._max_depth}"))
-        if isinstance(obj, dict):
-            return self._encode_dict(obj, depth)
-        if isinstance(obj, list):
-            return self._encode_seq(obj, depth)
-        if isinstance(obj, tuple) and not hasattr(obj, "_fields"):
-            return msgpack.ExtType(EXT_TUPLE, msgpack.packb(self._encode_seq(obj, depth), use_bin_type=True))
-        if isinstance(obj, (bool, int, float, str, bytes)):  # subclasses such as IntEnum: stored as the base type
-            return self._encode(_base_value(obj), depth)
-        raise EncodeError(lambda w: UnsupportedObjectError(
-            f"{w}: cannot save a {t.__module__}.{t.__qualname__}; leaves must be arrays, int, float, bool, str, "
-            "bytes or None (convert it, e.g. to a dict or str, first)"))
-
-    def _encode_seq(self, obj: list[Any] | tuple[Any, ...], depth: int) -> list[Any]:
-        if depth >= self._max_depth:
-            raise EncodeError(lambda w: ObjectLimitError(f"{w}: nesting deeper than {self._max_depth}"))
-        self.containers += 1
-        out = []
-        for i, v in enumerate(obj):
-            try:
-                out.append(self._encode(v, depth + 1))
-            except EncodeError as e:
-                e.path.append(i)
-                raise
-        return out
-
-    def _encode_dict(self, obj: dict[Any, Any], depth: int) -> msgpack.ExtType:
-        if depth >= self._max_depth:
-            raise EncodeError(lambda w: ObjectLimitError(f"{w}: nesting deeper than {self._max_depth}"))
-        self.containers += 1
-        out: dict[Any, Any] = {}
-        has_int = False
-        add, enc, d1 = self._add_array, self._encode, depth + 1
-        for k, v in obj.items():
-            if type(k) is not str:
-                if type(k) is int and -(1 << 63) <= k < (1 << 64):
-                    has_int = True
-                else:
-                    raise EncodeError(_bad_key(k))
-            tv = type(v)
-            try:
-                if tv is str or tv is float or tv is bool or v is None:
-                    out[k] = v
-                elif tv is dict or tv is list:
-                    out[k] = enc(v, d1)
-                else:
-                    found = add(v)
-                    out[k] = found if found is not None else enc(v, d1)
-            except EncodeError as e:
-                e.path.append(k)
-                raise
-        if has_int and len({str(k) for k in out}) != len(out):
-            raise EncodeError(lambda w: InvalidKeyError(
-                f"{w}: dict has an int key and a str key with the same text (e.g. 1 and '1'); their key "
-                "paths would be equal"))
-        return msgpack.ExtType(EXT_MAP, msgpack.packb([list(out), list(out.values())], use_bin_type=True))
-
-
-def _encode_int(value: int) -> msgpack.ExtType:
-    if not -(1 << 63) <= value < (1 << 64):
-        raise EncodeError(lambda w: UnsupportedObjectError(f"{w}: int {value} does not fit in 64 bits"))
-    return msgpack.ExtType(EXT_INT, msgpack.packb(value))
-
-
-def _bad_key(key: object) -> Callable[[str], CheckpointError]:
-    if type(key) is int:
-        return lambda where: UnsupportedObjectError(f"{where}: int dict key {key} does not fit in 64 bits "
-                                                    "(int keys are in [-2**63, 2**64))")
-    return lambda where: UnsupportedObjectError(
-        f"{where}: dict key {key!r} is a {type(key).__name__}; keys must be str or int")
-
-
-def _base_value(obj: Any) -> Any:
-    for base in (bool, int, float, str, bytes):
-        if isinstance(obj, base):
-            return base(obj)  # type: ignore[arg-type]
-    return obj
-
-
-def _where(path: tuple[str | int, ...]) -> str:
-    from ._keypath import join
-
-    return f"at key path {join(path)!r}" if path else "at the top level"
-
-
-class PackedTree(bytes):
-    """The tree already serialised by :func:`fit_metadata`, spliced verbatim by :func:`pack_metadata`."""
-
-
-def pack_metadata(tree: Any, tensors: TensorTable, producer: dict[str, Any], created: str,
-                  user: dict[str, Any], views: ViewTable | None = None) -> bytes:
-    """Serialise the metadata map (§4.1); the view table only when there are views."""
-    meta = {"tree": tree, "tensors": tensors.pack(), "producer": producer, "created": created, "user": user}
-    if views is not None and len(views):
-        meta["views"] = views.pack()
-    if type(tree) is not PackedTree:
-        return msgpack.packb(meta, use_bin_type=True)
-    out = [bytes([0x80 | len(meta)]), msgpack.packb("tree"), tree]
-    for key, value in list(meta.items())[1:]:
-        out += (msgpack.packb(key), msgpack.packb(value, use_bin_type=True))
-    return b"".join(out)
-
-
-def fit_metadata(tree: Any, *, shapes: list[tuple[int, ...]], dtypes: set[str], views: ViewTable | None,
-                 user: dict[str, Any], producer: dict[str, Any], created: str, containers: int,
-                 limits: Limits, itemsizes: list[int] | None = None) -> PackedTree:
-    """Serialise the tree, and refuse (before any byte is written) metadata a reader with ``limits`` refuses.
-
-    What ``save`` writes, ``load`` reads: the metadata length, tensor count and container count are
-    checked against the caps of §8.1 (an upper bound on the length: the table is not built yet).
-    """
-    for i, shape in enumerate(shapes):  # only an empty array can claim more than memory holds
-        if 0 in shape and itemsizes is not None and _nonzero_bytes(shape, itemsizes[i]) >= 1 << 63:
-            raise UnsupportedObjectError(f"an empty array of shape {shape}: its non-zero dimensions make 2**63 "
-                                         "bytes or more, which no reader can represent (spec §4.3)")
-    packed = PackedTree(msgpack.packb(tree, use_bin_type=True))
-    n, dims = len(shapes), sum(map(len, shapes))
-    nv = len(views) if views is not None else 0
-    vdims = int(views.ndim.sum(dtype=np.int64)) if views is not None and nv else 0
-    rest = msgpack.packb({"producer": producer, "created": created, "user": user}, use_bin_type=True)
-    names = sum(len(d) + 2 for d in dtypes) + (sum(len(d) + 2 for d in views.dtype_names) if views is not None else 0)
-    size = len(packed) + len(rest) + 34 * n + 8 * dims + 26 * nv + 16 * vdims + names + 512
-    how = ("store large values as arrays (e.g. numpy.frombuffer(b, numpy.uint8)), or pass "
-           "limits=ckptfmt.Limits(...) raising that cap to save and to every open/load of the file")
-    if n > limits.max_tensors or nv > limits.max_tensors:
-        raise ObjectLimitError(f"{max(n, nv)} tensors, over the reader's cap of {limits.max_tensors} "
-                               f"(Limits.max_tensors): {how}")
-    if size > limits.max_metadata_bytes:
-        raise ObjectLimitError(f"the metadata would be about {size} bytes, over the reader's cap of "
-                               f"{limits.max_metadata_bytes} (Limits.max_metadata_bytes): {how}")
-    if containers + 8 > container_budget(len(packed) + len(rest), limits):
-        raise ObjectLimitError(f"{containers} lists, tuples and dicts in {len(packed) + len(rest)} bytes of metadata, "
-                               f"over the reader's cap of one per {limits.bytes_per_container} bytes "
-                               f"(Limits.bytes_per_container): {how}")
-    return packed
-
-
-def check_plain(value: Any, *, max_depth: int = Limits.max_depth, what: str = "user metadata",
-                tuples: bool = True) -> int:
-    """Raise :class:`UnsupportedObjectError` unless ``value`` is plain msgpack data (§4.6); count containers.
-
-    Writers may pass tuples (msgpack stores them as arrays); a decoded file must hold none. Nesting
-    deeper than ``max_depth`` containers (the root is level 1) raises :class:`ObjectLimitError`.
-    """
-    stack = [(value, 0)]
-    containers = 0
-    while stack:
-        v, d = stack.pop()
-        t = type(v)
-        if t is dict:
-            if d >= max_depth:
-                raise ObjectLimitError(f"{what} nests deeper than {max_depth}")
-            containers += 1
-            if not set(map(type, v)) <= _KEYS:
-                raise UnsupportedObjectError(f"{what}: map keys must be str or int")
-            for k in v:
-                if type(k) is int and not -(1 << 63) <= k < (1 << 64):
-                    raise UnsupportedObjectError(f"{what}: int key {k} does not fit in 64 bits")
-            stack.extend((x, d + 1) for x in v.values())
-        elif t is list or (t is tuple and tuples):
-            if d >= max_depth:
-                raise ObjectLimitError(f"{what} nests deeper than {max_depth}")
-            containers += 1
-            stack.extend((x, d + 1) for x in v)
-        elif t is int:
-            if not -(1 << 63) <= v < (1 << 64):
-                raise UnsupportedObjectError(f"{what}: int {v} does not fit in 64 bits")
-        elif not (t is str or t is bytes or t is float or t is bool or v is None):
-            raise UnsupportedObjectError(f"{what} holds a {t.__name__}; only dict, list, str, bytes, int, float, "
-                                         "bool and None are allowed")
-    return containers
-
-
-# ------------------------------------------------------------------ reading
+_KEYS = frozenset((str, int))
 
 
 class _Deferred:
@@ -510,24 +69,8 @@ class _Deferred:
         self.payload = payload
 
 
-_CONTAINERS = frozenset((dict, list, tuple))
 _LEAVES = frozenset((str, bytes, bool, int, PlainInt, float, type(None), TensorRef, ViewRef))
 _TREE_TYPES = _LEAVES | {list, _Deferred}
-_KEYS = frozenset((str, int))
-_KNOWN_SECTIONS = frozenset(("tree", "tensors", "producer", "created", "user", "views"))
-#: Columns of the tensor and view tables this reader knows (1.0, then the 1.1 feature columns of §13-§14,
-#: which ``_features`` checks against the header's feature bits); any other key is skipped undecoded (§4.3).
-TENSOR_COLUMNS = frozenset(("count", "dtypes", "dtype", "ndim", "shape", "offset", "nbytes", "checksum",
-                            "codecs", "codec", "stored", "pieces", "piece_bytes", "chunk_bytes",
-                            "pack_alignment", "pack_below"))
-VIEW_COLUMNS = frozenset(("count", "dtypes", "dtype", "ndim", "shape", "strides", "base", "offset"))
-
-
-def container_budget(metadata_length: int, limits: Limits) -> int:
-    """How many containers (lists, maps, tuples) metadata of this length may decode to (§8.1)."""
-    if limits.bytes_per_container <= 0:
-        return 1 << 62
-    return metadata_length // limits.bytes_per_container + 4096
 
 
 class _Decoder:
@@ -707,7 +250,7 @@ def parse_manifest(data: bytes, *, path: str | None, minor: int, alignment: int,
     try:
         for key, (start, end) in _sections(data, path).items():
             part = buf[start:end]
-            if key not in _KNOWN_SECTIONS:
+            if key not in KNOWN_SECTIONS:
                 unknown[key] = bytes(part)  # any well-formed msgpack value, kept undecoded (§4.1)
             elif key == "tree":
                 meta[key] = dec.tree(part)
@@ -744,8 +287,6 @@ def parse_manifest(data: bytes, *, path: str | None, minor: int, alignment: int,
     except UnsupportedObjectError as e:
         raise InvalidMetadataError(path, str(e)) from None
     tensors = _parse_tensor_table(meta["tensors"], path=path, minor=minor, limits=limits)
-    from ._features import parse_features  # format 1.1 columns (§13-§14)
-
     parse_features(meta["tensors"], tensors, features=features, alignment=alignment, path=path)
     views = _parse_views(meta["views"], tensors, path=path, minor=minor, limits=limits) if "views" in meta \
         else EMPTY_VIEWS
@@ -901,7 +442,7 @@ def _check_view_sizes(vt: ViewTable, itemsize: np.ndarray, base_nbytes: np.ndarr
     isz = itemsize.astype(np.float64)
     for i in np.flatnonzero(~(nonzero * isz < 2.0**62)).tolist():
         v = vt.entry(i)
-        if _nonzero_bytes(v.shape, int(itemsize[i])) >= 1 << 63:
+        if nonzero_bytes(v.shape, int(itemsize[i])) >= 1 << 63:
             raise InvalidMetadataError(path, f"view {i}: shape {v.shape}: its non-zero dimensions make 2**63 bytes "
                                              "or more, which no array can hold (§4.7)")
     cap = np.maximum(base_nbytes.astype(np.float64), 1.0) * float(limits.max_view_expansion)
@@ -950,7 +491,7 @@ def _check_sizes(tt: TensorTable, path: str | None) -> None:
     known = isz > 0
     huge = known & ~(prod_f * np.maximum(isz, 1) < 2.0**62)
     for i in np.flatnonzero(huge).tolist():  # near the bound: decide exactly, with Python ints
-        if _nonzero_bytes(tt.shape(i), int(isz[i])) >= 1 << 63:
+        if nonzero_bytes(tt.shape(i), int(isz[i])) >= 1 << 63:
             raise InvalidMetadataError(path, f"tensor {i}: shape {tt.shape(i)} x itemsize {int(isz[i])}: its non-zero "
                                              "dimensions make 2**63 bytes or more, which no array can hold (§8.2)")
     with np.errstate(over="ignore", invalid="ignore"):
@@ -966,19 +507,9 @@ def _check_sizes(tt: TensorTable, path: str | None) -> None:
             raise InvalidMetadataError(path, f"tensor {i} is empty but its checksum is not xxh3 of no bytes")
 
 
-def _nonzero_bytes(shape: tuple[int, ...], itemsize: int) -> int:
-    """Product of the non-zero dimensions times the itemsize: what an array library must be able to index."""
-    n = itemsize
-    for d in shape:
-        n *= d or 1
-    return n
-
-
 def check_layout(tt: TensorTable, *, alignment: int, metadata_offset: int, path: str | None) -> None:
     """Blobs lie in table order, each at the next multiple of the alignment, with nothing between (§4.5)."""
     if tt.pack_alignment:  # format 1.1 packed blobs: two alignments (§14.2)
-        from ._features import packed_layout
-
         end = packed_layout(tt, alignment=alignment, first=blob_region_start(alignment), path=path)
         if end != metadata_offset:
             raise InvalidMetadataError(path, f"metadata starts at {metadata_offset}, expected {end} (after the "
@@ -1000,13 +531,3 @@ def check_layout(tt: TensorTable, *, alignment: int, metadata_offset: int, path:
     if end != metadata_offset:
         raise InvalidMetadataError(path, f"metadata starts at {metadata_offset}, expected {end} (after the "
                                          "last blob's padding)")
-
-
-def blob_region_start(alignment: int) -> int:
-    """Offset of the first blob: the header rounded up to the alignment."""
-    return -(-HEADER_SIZE // alignment) * alignment
-
-
-def align_up(n: int, alignment: int) -> int:
-    """``n`` rounded up to a multiple of ``alignment`` (a power of two)."""
-    return (n + alignment - 1) & ~(alignment - 1)
