@@ -10,6 +10,7 @@ row is referenced exactly by the tree (§8.2), and the blob layout (§4.5).
 from __future__ import annotations
 
 import gc
+from itertools import chain
 from typing import Any
 
 import msgpack
@@ -54,6 +55,101 @@ _U8 = np.dtype("u1")
 _KEYS = frozenset((str, int))
 
 
+#: msgpack first bytes (format spec, "Overview") -> total size of a fixed-size object
+_FIXED_SIZE = {0xC0: 1, 0xC2: 1, 0xC3: 1, 0xCA: 5, 0xCB: 9, 0xCC: 2, 0xCD: 3, 0xCE: 5, 0xCF: 9, 0xD0: 2, 0xD1: 3,
+               0xD2: 5, 0xD3: 9, 0xD4: 3, 0xD5: 4, 0xD6: 6, 0xD7: 10, 0xD8: 18}
+#: first byte -> (bytes of the length field, bytes after it before the payload) of bin, str and ext
+_VAR_SIZE = {0xC4: (1, 0), 0xC5: (2, 0), 0xC6: (4, 0), 0xC7: (1, 1), 0xC8: (2, 1), 0xC9: (4, 1),
+             0xD9: (1, 0), 0xDA: (2, 0), 0xDB: (4, 0)}
+#: first byte -> (bytes of the count field, objects per counted element) of array16/32 and map16/32
+_CONTAINER_SIZE = {0xDC: (2, 1), 0xDD: (4, 1), 0xDE: (2, 2), 0xDF: (4, 2)}
+#: objects :func:`_skip` steps over in Python before it hands the rest to msgpack's own skip
+_SKIP_STEPS = 256
+
+
+class _ManyObjects(Exception):
+    """Raised by :func:`_skip` when a value holds more objects than are worth stepping over in Python."""
+
+
+def _skip(data: Any, pos: int) -> int:
+    """Where the msgpack object starting at ``data[pos]`` ends, read from its headers alone (no copy, no decode).
+
+    Structure only, as msgpack's ``Unpacker.skip``: ``ValueError`` on a truncated or malformed object,
+    :class:`_ManyObjects` past :data:`_SKIP_STEPS` objects.
+    """
+    size = len(data)
+    pending = 1
+    steps = 0
+    while pending:
+        if pos >= size:
+            raise ValueError("truncated msgpack data")
+        pending -= 1
+        steps += 1
+        if steps > _SKIP_STEPS:
+            raise _ManyObjects
+        b = data[pos]
+        if b < 0x80 or b >= 0xE0:  # fixint
+            pos += 1
+        elif b < 0x90:  # fixmap
+            pending += 2 * (b & 0x0F)
+            pos += 1
+        elif b < 0xA0:  # fixarray
+            pending += b & 0x0F
+            pos += 1
+        elif b < 0xC0:  # fixstr
+            pos += 1 + (b & 0x1F)
+        elif b in _FIXED_SIZE:
+            pos += _FIXED_SIZE[b]
+        elif b in _VAR_SIZE:
+            width, extra = _VAR_SIZE[b]
+            if pos + 1 + width > size:
+                raise ValueError("truncated msgpack data")
+            pos += 1 + width + extra + int.from_bytes(data[pos + 1 : pos + 1 + width], "big")
+        elif b in _CONTAINER_SIZE:
+            width, per = _CONTAINER_SIZE[b]
+            if pos + 1 + width > size:
+                raise ValueError("truncated msgpack data")
+            pending += per * int.from_bytes(data[pos + 1 : pos + 1 + width], "big")
+            pos += 1 + width
+        else:
+            raise ValueError(f"byte 0x{b:02x} does not start a msgpack object")
+    if pos > size:
+        raise ValueError("truncated msgpack data")
+    return pos
+
+
+def _skip_any(data: Any, pos: int) -> int:
+    """:func:`_skip`, or msgpack's own skip over a copy of the rest for a value of many objects."""
+    try:
+        return _skip(data, pos)
+    except _ManyObjects:
+        unpacker = msgpack.Unpacker(max_buffer_size=max(len(data) - pos, 1))
+        unpacker.feed(data[pos:])
+        unpacker.skip()
+        return pos + unpacker.tell()
+
+
+def _bin(data: Any) -> Any:
+    """The payload of a msgpack bin object spanning all of ``data``, as a view (no copy); None if not a bin."""
+    b = data[0]
+    if b in (0xC4, 0xC5, 0xC6):
+        return data[1 + _VAR_SIZE[b][0]:]
+    return None
+
+
+def _map_header(data: Any) -> tuple[int, int] | None:
+    """(entry count, header length) of a msgpack map starting at ``data[0]``; None if it is not a map."""
+    b = data[0] if len(data) else -1
+    if 0x80 <= b < 0x90:
+        return b & 0x0F, 1
+    if b in (0xDE, 0xDF):
+        width = _CONTAINER_SIZE[b][0]
+        if len(data) < 1 + width:
+            raise ValueError("truncated msgpack data")
+        return int.from_bytes(data[1 : 1 + width], "big"), 1 + width
+    return None
+
+
 class _Deferred:
     """A tuple (ext 2) or dict (ext 5) whose payload is decoded later, by :func:`_TreeDecoder._expand`.
 
@@ -80,7 +176,8 @@ class _Decoder:
         self.path = path
         self.limits = limits
         self.left = budget
-        self.refs: list[int] = []
+        #: tensor rows the tree references, in lists (one per container that holds any)
+        self.refs: list[list[int]] = []
         self.scalars: list[int] = []
         self.view_refs: list[int] = []
 
@@ -116,27 +213,29 @@ class _Decoder:
                                object_pairs_hook=self._pairs, list_hook=self._list)
 
     def columns(self, buf: Any, known: frozenset[str], what: str) -> dict[str, Any]:
-        """The tensor or view map: known columns decoded, unknown entries (any msgpack value) skipped (§4.3)."""
-        unpacker = msgpack.Unpacker(raw=False, strict_map_key=False, ext_hook=self._no_ext,
-                                    object_pairs_hook=self._pairs, list_hook=self._list,
-                                    max_buffer_size=max(len(buf), 1))
-        unpacker.feed(buf)
-        try:
-            count = unpacker.read_map_header()
-        except ValueError:  # msgpack: "Unexpected type"
-            raise InvalidMetadataError(self.path, f"'{what}' is not a map") from None
+        """The tensor or view map: known columns decoded, unknown entries (any msgpack value) skipped (§4.3).
+
+        Binary columns come back as views of ``buf`` (read in place, never copied); the rest is decoded.
+        """
+        head = _map_header(buf)
+        if head is None:
+            raise InvalidMetadataError(self.path, f"'{what}' is not a map")
+        count, pos = head
         self._spend()
         out: dict[str, Any] = {}
         for _ in range(count):
-            key = unpacker.unpack()
+            end = _skip_any(buf, pos)
+            key = self.plain(buf[pos:end])
             if type(key) is not str:
                 raise InvalidMetadataError(self.path, f"'{what}' has a key {key!r} that is not a str")
-            if key not in known:
-                unpacker.skip()
-                continue
-            if key in out:
-                raise InvalidMetadataError(self.path, f"'{what}' has two {key!r} entries")
-            out[key] = unpacker.unpack()
+            pos, end = end, _skip_any(buf, end)
+            if key in known:
+                if key in out:
+                    raise InvalidMetadataError(self.path, f"'{what}' has two {key!r} entries")
+                value = buf[pos:end]
+                raw = _bin(value)
+                out[key] = raw if raw is not None else self.plain(value)
+            pos = end
         return out
 
     # -- the tree (§4.2)
@@ -168,38 +267,47 @@ class _Decoder:
         if t is list:
             self._walk(root, 1)
             return root
-        self._leaves((root,))
+        self._leaves([root])
         return root
 
     def _too_deep(self) -> MetadataLimitError:
         return MetadataLimitError(self.path, f"tree nesting deeper than {self.limits.max_depth} (raise "
                                              "Limits.max_depth)")
 
-    def _leaves(self, values: Any) -> set[type]:
+    def _leaves(self, values: list[Any]) -> set[type]:
+        """Check the types of one container's values and collect its references; returns the types.
+
+        One C-level pass for the types; the references are collected only for the types present, and a
+        list of nothing but tensor rows (a flat state dict) is kept as it is, without a Python loop.
+        """
         types = set(map(type, values))
         if not types <= _TREE_TYPES:
             bad = sorted(x.__name__ for x in types - _TREE_TYPES)
             raise InvalidMetadataError(self.path, f"tree leaf of type {', '.join(bad)} is not allowed")
         if int in types:
-            self.refs.extend(v for v in values if type(v) is int)
+            self.refs.append(values if len(types) == 1 else [v for v in values if type(v) is int])
         if TensorRef in types:
-            self.scalars.extend(v.index for v in values if type(v) is TensorRef)
+            self.scalars.extend([v.index for v in values if type(v) is TensorRef])
         if ViewRef in types:
-            self.view_refs.extend(v.index for v in values if type(v) is ViewRef)
+            self.view_refs.extend([v.index for v in values if type(v) is ViewRef])
         return types
 
-    def _walk(self, node: Any, depth: int) -> None:
-        """Check a list or dict at nesting level ``depth`` (the root is 1) and expand what it holds."""
+    def _walk(self, node: list[Any], depth: int) -> None:
+        """Check a list at nesting level ``depth`` (the root is 1) and expand what it holds."""
         if depth > self.limits.max_depth:
             raise self._too_deep()
-        types = self._leaves(node.values() if type(node) is dict else node)
+        types = self._leaves(node)
         if list in types or _Deferred in types:
-            for k, v in (node.items() if type(node) is dict else enumerate(node)):
-                tv = type(v)
-                if tv is list:
-                    self._walk(v, depth + 1)
-                elif tv is _Deferred:
-                    node[k] = self._expand(v, depth + 1)  # a value replaced in place: the dict keeps its size
+            self._children(enumerate(node), node, depth)
+
+    def _children(self, items: Any, node: Any, depth: int) -> None:
+        """Walk the lists and expand the deferred payloads among ``items``, (key, value) pairs of ``node``."""
+        for k, v in items:
+            tv = type(v)
+            if tv is list:
+                self._walk(v, depth + 1)
+            elif tv is _Deferred:
+                node[k] = self._expand(v, depth + 1)  # a value replaced in place: the dict keeps its size
 
     def _expand(self, deferred: _Deferred, depth: int) -> Any:
         """Decode a tuple or dict payload, then its children; its bytes are freed before the children's."""
@@ -221,13 +329,15 @@ class _Decoder:
         key_types = set(map(type, keys))
         if not key_types <= _KEYS:
             raise InvalidMetadataError(self.path, "a tree map key is neither str nor int")
-        d = dict(zip(keys, values, strict=True))
+        d = dict(zip(keys, values, strict=False))  # equal lengths, checked above
         if len(d) != len(keys) or (int in key_types and len({str(k) for k in keys}) != len(keys)):
             raise InvalidMetadataError(self.path, "a tree map has duplicate keys (or an int and a str key with the "
                                                   "same key path)")
+        types = self._leaves(values)
         del items, keys, values
         self.left += 2  # the payload's outer and key arrays are gone; the values now live in the dict
-        self._walk(d, depth)
+        if list in types or _Deferred in types:
+            self._children(d.items(), d, depth)
         return d
 
 
@@ -248,7 +358,7 @@ def parse_manifest(data: bytes, *, path: str | None, minor: int, alignment: int,
     was_enabled = gc.isenabled()
     gc.disable()  # decoding makes no cycles; collections during a large decode only cost time
     try:
-        for key, (start, end) in _sections(data, path).items():
+        for key, (start, end) in _sections(buf, path).items():
             part = buf[start:end]
             if key not in KNOWN_SECTIONS:
                 unknown[key] = bytes(part)  # any well-formed msgpack value, kept undecoded (§4.1)
@@ -290,8 +400,9 @@ def parse_manifest(data: bytes, *, path: str | None, minor: int, alignment: int,
     parse_features(meta["tensors"], tensors, features=features, alignment=alignment, path=path)
     views = _parse_views(meta["views"], tensors, path=path, minor=minor, limits=limits) if "views" in meta \
         else EMPTY_VIEWS
-    _check_refs(dec.view_refs, len(views), path, what="views")
-    _check_refs(dec.refs + dec.scalars + views.base.astype(np.int64).tolist(), len(tensors), path)
+    _check_refs(np.array(dec.view_refs, np.int64), len(views), path, what="views")
+    _check_refs(np.concatenate((_rows(dec.refs, path), np.array(dec.scalars, np.int64),
+                                views.base.astype(np.int64))), len(tensors), path)
     for row in dec.scalars:
         if tensors.ndim[row] != 0:
             raise InvalidMetadataError(path, f"an array-scalar reference names tensor {row}, which is not 0-d")
@@ -299,51 +410,59 @@ def parse_manifest(data: bytes, *, path: str | None, minor: int, alignment: int,
     return Manifest(meta["tree"], tensors, producer, created, user, views, unknown)
 
 
-def _sections(data: bytes, path: str | None) -> dict[str, tuple[int, int]]:
-    """Byte ranges of the top-level map's values, by key; refuses duplicate keys and trailing bytes."""
-    unpacker = msgpack.Unpacker(raw=False, max_buffer_size=max(len(data), 1))
-    unpacker.feed(data)
-    try:
-        count = unpacker.read_map_header()
-    except Exception:
-        raise InvalidMetadataError(path, "metadata is not a msgpack map") from None
+def _sections(data: Any, path: str | None) -> dict[str, tuple[int, int]]:
+    """Byte ranges of the top-level map's values, by key; refuses duplicate keys and trailing bytes.
+
+    Found from the msgpack headers in place (:func:`_skip`): the metadata is neither copied nor decoded here.
+    """
+    head = _map_header(data)
+    if head is None:
+        raise InvalidMetadataError(path, "metadata is not a msgpack map")
+    count, pos = head
     out: dict[str, tuple[int, int]] = {}
     for _ in range(count):
-        key = unpacker.unpack()
+        end = _skip_any(data, pos)
+        key = msgpack.unpackb(data[pos:end], raw=False)
         if not isinstance(key, str):
             raise InvalidMetadataError(path, f"metadata key {key!r} is not a str")
         if key in out:
             raise InvalidMetadataError(path, f"metadata has two {key!r} entries")
-        start = unpacker.tell()
-        unpacker.skip()
-        out[key] = (start, unpacker.tell())
-    if unpacker.tell() != len(data):
-        raise InvalidMetadataError(path, f"{len(data) - unpacker.tell()} bytes follow the metadata map")
+        pos, end = end, _skip_any(data, end)
+        out[key] = (pos, end)
+        pos = end
+    if pos != len(data):
+        raise InvalidMetadataError(path, f"{len(data) - pos} bytes follow the metadata map")
     return out
 
 
-def _check_refs(refs: list[int], count: int, path: str | None, what: str = "tensors") -> None:
-    """Every reference names a row, and every row is referenced (no hidden payload)."""
-    if not refs:
+def _rows(chunks: list[list[int]], path: str | None) -> np.ndarray:
+    """The tensor rows the tree references, collected in lists by the decoder, as one int64 array."""
+    try:
+        if len(chunks) == 1:
+            return np.array(chunks[0], np.int64)
+        return np.fromiter(chain.from_iterable(chunks), np.int64, sum(map(len, chunks)))
+    except OverflowError:
+        raise InvalidMetadataError(path, "tree references a tensor row beyond 2**63") from None
+
+
+def _check_refs(refs: np.ndarray, count: int, path: str | None, what: str = "tensors") -> None:
+    """Every reference names a row, and every row is referenced (no hidden payload, §8.2)."""
+    if not refs.size:
         if count:
             raise InvalidMetadataError(path, f"{count} {what} are not referenced by the tree")
         return
-    try:
-        arr = np.asarray(refs, dtype=np.int64)
-    except OverflowError:
-        raise InvalidMetadataError(path, "tree references a tensor row beyond 2**63") from None
-    lo, hi = int(arr.min()), int(arr.max())
+    lo, hi = int(refs.min()), int(refs.max())
     if lo < 0 or hi >= count:
         raise InvalidMetadataError(path, f"a reference to row {lo if lo < 0 else hi} of {what}, which has "
                                          f"rows 0..{count - 1}")
-    if np.count_nonzero(np.bincount(arr, minlength=count)) != count:
+    if np.count_nonzero(np.bincount(refs, minlength=count)) != count:
         raise InvalidMetadataError(path, f"some {what} are not referenced (hidden payload)")
 
 
 def _column(table: dict[str, Any], name: str, dtype: np.dtype, count: int, path: str | None,
             what: str = "tensor table") -> np.ndarray:
     raw = table.get(name)
-    if not isinstance(raw, bytes):
+    if not isinstance(raw, (bytes, memoryview)):
         raise InvalidMetadataError(path, f"{what} column {name!r} is missing or not binary")
     if len(raw) != count * dtype.itemsize:
         raise InvalidMetadataError(path, f"{what} column {name!r} has {len(raw)} bytes, "
