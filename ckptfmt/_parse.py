@@ -587,34 +587,57 @@ def _dtype_names(table: dict[str, Any], what: str, path: str | None, minor: int)
 
 
 def _check_sizes(tt: TensorTable, path: str | None) -> None:
-    """shape x itemsize == nbytes for every tensor of a known dtype (§8.2)."""
+    """shape x itemsize == nbytes for every tensor of a known dtype (§8.2).
+
+    Whole-column numpy passes with few temporaries (each a fresh column costs page faults on open).
+    """
     n = len(tt)
     if not n:
         return
-    if tt.shape_flat.size and int(tt.shape_flat.max()) >= 1 << 63:
+    shape = tt.shape_flat
+    if shape.size and int(shape.max()) >= 1 << 63:
         raise InvalidMetadataError(path, "a dimension is 2**63 or larger")
-    prod_u = np.ones(n, dtype=np.uint64)
-    prod_f = np.ones(n, dtype=np.float64)
-    has = tt.ndim > 0
-    if has.any():
-        starts = (np.cumsum(tt.ndim, dtype=np.int64) - tt.ndim)[has]
-        # The float product skips zero dimensions: an empty tensor must still have a shape numpy
-        # can represent. Overflow to inf is what we are looking for, not an accident.
-        dims_f = tt.shape_flat.astype(np.float64)
-        dims_f[dims_f == 0] = 1
-        with np.errstate(over="ignore", invalid="ignore"):
-            prod_u[has] = np.multiply.reduceat(tt.shape_flat, starts)
-            prod_f[has] = np.multiply.reduceat(dims_f, starts)
+    ends = np.cumsum(tt.ndim, dtype=np.int64)
+    tt._ends = ends  # what TensorTable.shape(i) needs for a lazy get: computed once, here
     itemsize = np.array([DTYPES[nm].itemsize if nm in DTYPES else 0 for nm in tt.dtype_names], dtype=np.uint64)
     isz = itemsize[tt.dtype_code]
-    known = isz > 0
-    huge = known & ~(prod_f * np.maximum(isz, 1) < 2.0**62)
-    for i in np.flatnonzero(huge).tolist():  # near the bound: decide exactly, with Python ints
-        if nonzero_bytes(tt.shape(i), int(isz[i])) >= 1 << 63:
-            raise InvalidMetadataError(path, f"tensor {i}: shape {tt.shape(i)} x itemsize {int(isz[i])}: its non-zero "
-                                             "dimensions make 2**63 bytes or more, which no array can hold (§8.2)")
+    all_known = bool(itemsize.all()) or not bool((isz == 0).any())
+    if shape.size:
+        has = tt.ndim != 0
+        every = bool(has.all())
+        starts = ends - tt.ndim
+        if not every:
+            starts = starts[has]
+        # The float product skips zero dimensions: an empty tensor must still have a shape numpy
+        # can represent. Overflow to inf is what we are looking for, not an accident.
+        dims_f = shape.astype(np.float64)
+        np.maximum(dims_f, 1.0, out=dims_f)
+        with np.errstate(over="ignore", invalid="ignore"):
+            prod_u = np.multiply.reduceat(shape, starts)
+            prod_f = np.multiply.reduceat(dims_f, starts)
+        del dims_f
+        if not every:
+            full_u, full_f = np.ones(n, np.uint64), np.ones(n, np.float64)
+            full_u[has], full_f[has] = prod_u, prod_f
+            prod_u, prod_f = full_u, full_f
+    else:
+        prod_u, prod_f = np.ones(n, np.uint64), np.ones(n, np.float64)
+    prod_f *= np.maximum(isz, np.uint64(1))
+    if float(prod_f.max()) >= 2.0**62:
+        huge = prod_f >= 2.0**62
+        if not all_known:
+            huge &= isz > 0
+        for i in np.flatnonzero(huge).tolist():  # near the bound: decide exactly, with Python ints
+            if nonzero_bytes(tt.shape(i), int(isz[i])) >= 1 << 63:
+                raise InvalidMetadataError(path, f"tensor {i}: shape {tt.shape(i)} x itemsize {int(isz[i])}: its "
+                                                 "non-zero dimensions make 2**63 bytes or more, which no array can "
+                                                 "hold (§8.2)")
+    del prod_f
     with np.errstate(over="ignore", invalid="ignore"):
-        bad = known & (prod_u * isz != tt.nbytes)
+        prod_u *= isz
+    bad = prod_u != tt.nbytes
+    if not all_known:
+        bad &= isz > 0
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
         raise InvalidMetadataError(path, f"tensor {i}: shape {tt.shape(i)} x itemsize {int(isz[i])} != "
@@ -637,16 +660,24 @@ def check_layout(tt: TensorTable, *, alignment: int, metadata_offset: int, path:
     a = np.uint64(alignment)
     first = np.uint64(blob_region_start(alignment))
     nb = tt.stored_sizes()  # format 1.1: compressed blobs occupy their stored size (§13.2)
-    if len(nb) and float(nb.astype(np.float64).sum()) > 2.0**62:
-        raise InvalidMetadataError(path, "blob sizes add up to more than 2**62 bytes")
-    span = (nb + (a - np.uint64(1))) & ~(a - np.uint64(1))
-    ends = np.cumsum(span, dtype=np.uint64) + first if len(nb) else np.zeros(0, np.uint64)
-    expected = np.where(nb == 0, np.uint64(0), ends - span)
-    if not np.array_equal(expected, tt.offset):
-        i = int(np.flatnonzero(expected != tt.offset)[0])
-        raise InvalidMetadataError(path, f"tensor {i}: offset {int(tt.offset[i])}, expected {int(expected[i])} "
-                                         "(blobs must follow each other in table order at aligned offsets)")
-    end = int(ends[-1]) if len(ends) else int(first)
+    if not len(nb):
+        end = int(first)
+    else:
+        if float(nb.sum(dtype=np.float64)) > 2.0**62:
+            raise InvalidMetadataError(path, "blob sizes add up to more than 2**62 bytes")
+        span = nb + (a - np.uint64(1))
+        span &= ~(a - np.uint64(1))
+        ends = np.cumsum(span, dtype=np.uint64)
+        ends += first
+        end = int(ends[-1])
+        expected = np.subtract(ends, span, out=span)  # where each blob starts; an empty blob's offset is 0
+        del ends
+        expected[nb == 0] = 0
+        if not np.array_equal(expected, tt.offset):
+            i = int(np.flatnonzero(expected != tt.offset)[0])
+            raise InvalidMetadataError(path, f"tensor {i}: offset {int(tt.offset[i])}, expected "
+                                             f"{int(expected[i])} (blobs must follow each other in table order at "
+                                             "aligned offsets)")
     if end != metadata_offset:
         raise InvalidMetadataError(path, f"metadata starts at {metadata_offset}, expected {end} (after the "
                                          "last blob's padding)")
