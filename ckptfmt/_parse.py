@@ -166,7 +166,13 @@ class _Deferred:
 
 
 _LEAVES = frozenset((str, bytes, bool, int, PlainInt, float, type(None), TensorRef, ViewRef))
-_TREE_TYPES = _LEAVES | {list, _Deferred}
+#: what a decoded tree holds before its walk: leaves, lists, deferred payloads and small dicts and tuples
+#: decoded at once (:meth:`_Decoder._eager`)
+_TREE_TYPES = _LEAVES | {list, dict, tuple, _Deferred}
+_CONTAINERS = frozenset((list, dict, tuple))
+#: a tuple or dict payload (ext 2, ext 5) up to this size is decoded inside its parent's decode: the live
+#: copies stay below max_depth x this many bytes, and the per-container Python work of deferral is saved
+_EAGER_BYTES = 4096
 
 
 class _Decoder:
@@ -180,6 +186,8 @@ class _Decoder:
         self.refs: list[list[int]] = []
         self.scalars: list[int] = []
         self.view_refs: list[int] = []
+        #: how many eager payload decodes are running, one inside another
+        self._nested = 0
 
     # -- counting: every msgpack array and map decoded passes through one of these hooks
     def _spend(self, n: int = 1) -> None:
@@ -190,7 +198,9 @@ class _Decoder:
                                                 "lower Limits.bytes_per_container, or 0 for no cap)")
 
     def _list(self, items: list[Any]) -> list[Any]:
-        self._spend()
+        self.left -= 1
+        if self.left < 0:
+            self._spend(0)
         return items
 
     def _pairs(self, pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
@@ -240,6 +250,8 @@ class _Decoder:
 
     # -- the tree (§4.2)
     def _ext(self, code: int, payload: bytes) -> Any:
+        if code in (EXT_MAP, EXT_TUPLE):
+            return self._eager(code, payload) if len(payload) <= _EAGER_BYTES else _Deferred(code, payload)
         if code == EXT_INT:
             value = msgpack.unpackb(payload)
             if type(value) is not int:
@@ -250,9 +262,58 @@ class _Decoder:
                 raise InvalidMetadataError(self.path, f"ext {code} reference of {len(payload)} bytes, expected 4")
             row = int.from_bytes(payload, "little")
             return TensorRef(row) if code == EXT_SCALAR else ViewRef(row)
-        if code in (EXT_TUPLE, EXT_MAP):
-            return _Deferred(code, payload)
         raise InvalidMetadataError(self.path, f"unknown msgpack ext type {code} in the tree")
+
+    def _eager(self, code: int, payload: bytes) -> Any:
+        """A small tuple or dict (ext 2, ext 5) built at once, nested small ones inside it too.
+
+        Its lists are not counted while it decodes (at most a few thousand, from at most
+        :data:`_EAGER_BYTES` bytes); :meth:`_check_built` counts and checks the subtree afterwards.
+        """
+        self._nested += 1
+        try:
+            if self._nested > self.limits.max_depth:
+                raise self._too_deep()
+            items = msgpack.unpackb(payload, raw=False, strict_map_key=False, ext_hook=self._ext,
+                                    object_pairs_hook=self._no_maps)
+        finally:
+            self._nested -= 1
+        return self._build(code, items)
+
+    def _build(self, code: int, items: Any) -> Any:
+        """The tuple or dict that a decoded ext 2 or ext 5 payload stands for (§4.2), its keys checked."""
+        if type(items) is not list:
+            raise InvalidMetadataError(self.path, f"ext {code} payload is not a msgpack array")
+        if code == EXT_TUPLE:
+            return tuple(items)
+        if len(items) != 2 or type(items[0]) is not list or type(items[1]) is not list \
+                or len(items[0]) != len(items[1]):
+            raise InvalidMetadataError(self.path, "a map payload is not two arrays of equal length")
+        keys, values = items
+        key_types = set(map(type, keys))
+        if not key_types <= _KEYS:
+            raise InvalidMetadataError(self.path, "a tree map key is neither str nor int")
+        d = dict(zip(keys, values, strict=False))  # equal lengths, checked above
+        if len(d) != len(keys) or (int in key_types and len({str(k) for k in keys}) != len(keys)):
+            raise InvalidMetadataError(self.path, "a tree map has duplicate keys (or an int and a str key with the "
+                                                  "same key path)")
+        return d
+
+    def _check_built(self, root: Any, depth: int) -> None:
+        """Count and check a subtree built by :meth:`_eager` (root at nesting level ``depth``), in one loop."""
+        max_depth = self.limits.max_depth
+        stack = [(root, depth)]
+        while stack:
+            node, level = stack.pop()
+            if level > max_depth:
+                raise self._too_deep()
+            self.left -= 1
+            if self.left < 0:
+                self._spend(0)
+            values = list(node.values()) if type(node) is dict else node
+            types = self._leaves(values)
+            if list in types or dict in types or tuple in types:
+                stack.extend((v, level + 1) for v in values if type(v) in _CONTAINERS)
 
     def _unpack_tree(self, buf: Any) -> Any:
         return msgpack.unpackb(buf, raw=False, strict_map_key=False, ext_hook=self._ext,
@@ -266,6 +327,9 @@ class _Decoder:
             return self._expand(root, 1)
         if t is list:
             self._walk(root, 1)
+            return root
+        if t is dict or t is tuple:
+            self._check_built(root, 1)
             return root
         self._leaves([root])
         return root
@@ -297,7 +361,7 @@ class _Decoder:
         if depth > self.limits.max_depth:
             raise self._too_deep()
         types = self._leaves(node)
-        if list in types or _Deferred in types:
+        if list in types or _Deferred in types or dict in types or tuple in types:
             self._children(enumerate(node), node, depth)
 
     def _children(self, items: Any, node: Any, depth: int) -> None:
@@ -308,37 +372,30 @@ class _Decoder:
                 self._walk(v, depth + 1)
             elif tv is _Deferred:
                 node[k] = self._expand(v, depth + 1)  # a value replaced in place: the dict keeps its size
+            elif tv is dict or tv is tuple:
+                self._check_built(v, depth + 1)
 
     def _expand(self, deferred: _Deferred, depth: int) -> Any:
-        """Decode a tuple or dict payload, then its children; its bytes are freed before the children's."""
+        """Decode a large tuple or dict payload, then its children; its bytes are freed before the children's."""
         if depth > self.limits.max_depth:
             raise self._too_deep()
         payload, deferred.payload = deferred.payload, None
         code = deferred.code
         items = self._unpack_tree(payload)
         del payload
-        if type(items) is not list:
-            raise InvalidMetadataError(self.path, f"ext {code} payload is not a msgpack array")
         if code == EXT_TUPLE:
+            if type(items) is not list:
+                raise InvalidMetadataError(self.path, f"ext {code} payload is not a msgpack array")
             self._walk(items, depth)
             return tuple(items)
-        if len(items) != 2 or type(items[0]) is not list or type(items[1]) is not list \
-                or len(items[0]) != len(items[1]):
-            raise InvalidMetadataError(self.path, "a map payload is not two arrays of equal length")
-        keys, values = items
-        key_types = set(map(type, keys))
-        if not key_types <= _KEYS:
-            raise InvalidMetadataError(self.path, "a tree map key is neither str nor int")
-        d = dict(zip(keys, values, strict=False))  # equal lengths, checked above
-        if len(d) != len(keys) or (int in key_types and len({str(k) for k in keys}) != len(keys)):
-            raise InvalidMetadataError(self.path, "a tree map has duplicate keys (or an int and a str key with the "
-                                                  "same key path)")
+        node = self._build(code, items)
+        values = items[1]
         types = self._leaves(values)
-        del items, keys, values
+        del items, values
         self.left += 2  # the payload's outer and key arrays are gone; the values now live in the dict
-        if list in types or _Deferred in types:
-            self._children(d.items(), d, depth)
-        return d
+        if list in types or _Deferred in types or dict in types or tuple in types:
+            self._children(node.items(), node, depth)
+        return node
 
 
 def parse_manifest(data: bytes, *, path: str | None, minor: int, alignment: int, metadata_offset: int,
@@ -599,7 +656,9 @@ def _check_sizes(tt: TensorTable, path: str | None) -> None:
         raise InvalidMetadataError(path, "a dimension is 2**63 or larger")
     ends = np.cumsum(tt.ndim, dtype=np.int64)
     tt._ends = ends  # what TensorTable.shape(i) needs for a lazy get: computed once, here
-    itemsize = np.array([DTYPES[nm].itemsize if nm in DTYPES else 0 for nm in tt.dtype_names], dtype=np.uint64)
+    # itemsizes are at most 16 (§6): a uint8 column, widened element by element where it is multiplied
+    sizes = [DTYPES[nm].itemsize if nm in DTYPES else 0 for nm in tt.dtype_names]
+    itemsize = np.array(sizes, dtype=np.uint8 if max(sizes, default=0) < 256 else np.uint64)
     isz = itemsize[tt.dtype_code]
     all_known = bool(itemsize.all()) or not bool((isz == 0).any())
     if shape.size:
@@ -622,7 +681,7 @@ def _check_sizes(tt: TensorTable, path: str | None) -> None:
             prod_u, prod_f = full_u, full_f
     else:
         prod_u, prod_f = np.ones(n, np.uint64), np.ones(n, np.float64)
-    prod_f *= np.maximum(isz, np.uint64(1))
+    prod_f *= np.maximum(isz, 1)
     if float(prod_f.max()) >= 2.0**62:
         huge = prod_f >= 2.0**62
         if not all_known:

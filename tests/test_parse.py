@@ -1,0 +1,181 @@
+"""The reader's metadata decoder (ckptfmt/_parse.py): its fast paths agree with its careful ones.
+
+Small tuple and dict payloads are decoded inside their parent's decode (``_EAGER_BYTES``), large
+ones deferred; the top-level map and the tensor map are split from msgpack headers in place
+(``_skip``), with msgpack's own skip for values of many objects. Each pair must accept and refuse
+the same files. Hostile files are crafted with conformance/make_corrupt.py's builder.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import ckptfmt
+from ckptfmt import _parse
+
+_spec = importlib.util.spec_from_file_location("make_corrupt", Path(__file__).parent.parent / "conformance" /
+                                               "make_corrupt.py")
+assert _spec is not None and _spec.loader is not None
+mc = importlib.util.module_from_spec(_spec)
+sys.modules["make_corrupt"] = mc
+_spec.loader.exec_module(mc)
+
+#: the two ways a tuple or dict payload is decoded: all deferred, or small ones at once (the default)
+PATHS = {"deferred": 0, "eager": _parse._EAGER_BYTES}
+
+
+@pytest.fixture(params=sorted(PATHS))
+def decode_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    monkeypatch.setattr(_parse, "_EAGER_BYTES", PATHS[request.param])
+    return str(request.param)
+
+
+def _layer(i: int) -> dict[str, Any]:
+    return {"attn": {"q": np.full(2, i, np.float32), "k": (np.arange(i % 3), 5)}, "n": i, "ok": i % 2 == 0,
+            "l": [np.int64(i), {"x": None}], 7: "int key"}
+
+
+def test_a_nested_state_loads_the_same_either_way(tmp_ckpt: Path, decode_path: str) -> None:
+    state = {"model": {str(i): _layer(i) for i in range(300)}, "step": 3}
+    ckptfmt.save(tmp_ckpt, state)
+    got = ckptfmt.load(tmp_ckpt)
+    assert got["step"] == 3 and list(got["model"]) == [str(i) for i in range(300)]
+    for i in (0, 1, 299):
+        layer = got["model"][str(i)]
+        np.testing.assert_array_equal(layer["attn"]["q"], np.full(2, i, np.float32))
+        assert type(layer["attn"]["k"]) is tuple and layer["attn"]["k"][1] == 5
+        assert layer["n"] == i and layer["ok"] == (i % 2 == 0) and layer[7] == "int key"
+        assert layer["l"][0] == i and layer["l"][1] == {"x": None}
+
+
+_leaf = st.one_of(st.none(), st.booleans(), st.integers(-(2**63), 2**64 - 1), st.text(max_size=5),
+                  st.binary(max_size=5), st.floats(allow_nan=False),
+                  st.integers(0, 3).map(lambda n: np.arange(n, dtype=np.int16)))
+_trees = st.recursive(_leaf, lambda kids: st.one_of(
+    st.lists(kids, max_size=4), st.lists(kids, max_size=4).map(tuple),
+    st.dictionaries(st.one_of(st.text(max_size=3), st.integers(0, 9)).map(str), kids, max_size=4)),
+    max_leaves=30)
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, np.ndarray):
+        return isinstance(b, np.ndarray) and a.dtype == b.dtype and np.array_equal(a, b)
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, dict):
+        return list(a) == list(b) and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    return bool(a == b)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(tree=_trees)
+def test_any_tree_decodes_to_the_same_object_either_way(tmp_path: Path, tree: Any) -> None:
+    path = tmp_path / "t.ckpt"
+    ckptfmt.save(path, {"t": tree})
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(_parse, "_EAGER_BYTES", 0)
+        deferred = ckptfmt.load(path)
+    eager = ckptfmt.load(path)
+    assert _same(deferred, eager) and _same(eager, {"t": tree})
+
+
+def test_small_dicts_nested_past_the_depth_cap(tmp_ckpt: Path, decode_path: str) -> None:
+    node: Any = 0
+    for _ in range(70):
+        node = mc.t_map(["k"], [node])
+    tmp_ckpt.write_bytes(mc.build_file(blobs=[mc.A], tree=node))
+    with pytest.raises(ckptfmt.MetadataLimitError, match="deeper"):
+        ckptfmt.open(tmp_ckpt)
+
+
+def test_a_small_dict_with_a_repeated_key_inside_a_large_one(tmp_ckpt: Path, decode_path: str) -> None:
+    bad = mc.t_map(["x", "x"], [0, None])
+    big = mc.t_map([f"p{i}" for i in range(2000)] + ["bad"], [None] * 2000 + [bad])
+    tmp_ckpt.write_bytes(mc.build_file(blobs=[mc.A], tree=big))
+    with pytest.raises(ckptfmt.InvalidMetadataError, match="duplicate keys"):
+        ckptfmt.open(tmp_ckpt)
+
+
+def test_a_tuple_payload_that_is_not_an_array(tmp_ckpt: Path, decode_path: str) -> None:
+    tree = mc.t_map(["a", "t"], [0, msgpack.ExtType(2, msgpack.packb(1))])
+    tmp_ckpt.write_bytes(mc.build_file(blobs=[mc.A], tree=tree))
+    with pytest.raises(ckptfmt.InvalidMetadataError, match="not a msgpack array"):
+        ckptfmt.open(tmp_ckpt)
+
+
+def test_empty_lists_in_small_dicts_hit_the_container_cap(tmp_ckpt: Path, decode_path: str) -> None:
+    """The lists of a payload decoded at once are counted after it: the cap still holds (§8.1)."""
+    small = mc.t_map(["e"], [[[] for _ in range(1000)]])
+    tmp_ckpt.write_bytes(mc.build_file(blobs=[mc.A], tree_raw=msgpack.packb([0, *([small] * 400)])))
+    with pytest.raises(ckptfmt.MetadataLimitError, match="containers"):
+        ckptfmt.open(tmp_ckpt)
+    ckptfmt.open(tmp_ckpt, limits=ckptfmt.Limits(bytes_per_container=0)).close()
+
+
+def test_a_view_and_a_scalar_inside_a_small_dict(tmp_ckpt: Path, decode_path: str) -> None:
+    base = np.arange(6, dtype=np.float32)
+    ckptfmt.save(tmp_ckpt, {"m": {"v": base[1:4], "b": base, "s": np.float32(2.5)}})
+    got = ckptfmt.load(tmp_ckpt)
+    np.testing.assert_array_equal(got["m"]["v"], base[1:4])
+    assert got["m"]["s"] == np.float32(2.5) and np.ndim(got["m"]["s"]) == 0
+
+
+# ---------------------------------------------------------------- splitting maps in place
+
+
+@pytest.mark.parametrize("n", [3, _parse._SKIP_STEPS + 10])
+def test_user_metadata_of_few_and_of_many_objects(tmp_ckpt: Path, n: int) -> None:
+    user = {"vocab": [f"w{i}" for i in range(n)], "nested": {"a": [1, [2, [3]]]}}
+    ckptfmt.save(tmp_ckpt, {"w": np.ones(2)}, metadata=user)
+    with ckptfmt.open(tmp_ckpt) as c:
+        assert c.metadata == user
+
+
+def test_an_unknown_section_of_many_objects_is_kept_verbatim(tmp_ckpt: Path) -> None:
+    extra = msgpack.packb({"later": list(range(3 * _parse._SKIP_STEPS)), "ext": msgpack.ExtType(9, b"z")})
+    tmp_ckpt.write_bytes(mc.build_file(blobs=[mc.A], header={"minor": 9},
+                                       meta_pairs=mc.with_pairs(("future", msgpack.unpackb(extra)))))
+    with ckptfmt.open(tmp_ckpt) as c:
+        assert msgpack.unpackb(c.manifest.unknown["future"]) == msgpack.unpackb(extra)
+
+
+def test_skip_matches_msgpack_on_every_kind_of_object() -> None:
+    values = [None, True, False, 0, 127, -1, -33, 255, 2**16, 2**32, 2**63, -(2**63), 1.5,
+              msgpack.ExtType(1, b""), msgpack.ExtType(1, b"a"), msgpack.ExtType(1, b"ab"),
+              msgpack.ExtType(1, b"abcd"), msgpack.ExtType(1, b"a" * 8), msgpack.ExtType(1, b"a" * 16),
+              msgpack.ExtType(1, b"a" * 3), msgpack.ExtType(1, b"a" * 300), msgpack.ExtType(1, b"a" * 70000),
+              "", "a" * 31, "a" * 32, "a" * 300, "a" * 70000, b"", b"b" * 300, b"b" * 70000,
+              [], [1] * 15, [1] * 16, [1] * 70000, {}, {str(i): i for i in range(15)},
+              {str(i): i for i in range(16)}, {str(i): [i] for i in range(70000)}]
+    for v in values:
+        packed = msgpack.packb(v, use_bin_type=True)
+        data = memoryview(b"\x01" + packed + b"\x02")
+        assert _parse._skip_any(data, 1) == 1 + len(packed), v if not isinstance(v, (list, dict)) else len(v)
+
+
+@pytest.mark.parametrize("raw", [b"\xc1", b"\xc4\x05ab", b"\xda\x00", b"\xdc\x00\x03\x01", b"\x92\x01",
+                                 b"\xc7\x10\x05", b"\xcf\x00\x00"])
+def test_skip_refuses_malformed_and_truncated_objects(raw: bytes) -> None:
+    with pytest.raises(ValueError):
+        _parse._skip(memoryview(raw), 0)
+
+
+def test_a_column_whose_length_runs_past_its_map_is_invalid_metadata(tmp_ckpt: Path) -> None:
+    data = mc.build_file(blobs=[mc.A, mc.B])
+    offset, length = mc.metadata_range(data)
+    meta = data[offset : offset + length]
+    i = meta.index(b"\xa6offset\xc4\x10") + 8  # the length byte of the 16-byte 'offset' column
+    tmp_ckpt.write_bytes(mc.build_file(blobs=[mc.A, mc.B], meta_raw=meta[:i] + b"\xff" + meta[i + 1:]))
+    with pytest.raises(ckptfmt.InvalidMetadataError):
+        ckptfmt.open(tmp_ckpt)
