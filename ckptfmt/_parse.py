@@ -10,6 +10,7 @@ row is referenced exactly by the tree (§8.2), and the blob layout (§4.5).
 from __future__ import annotations
 
 import gc
+from functools import partial
 from itertools import chain
 from typing import Any
 
@@ -188,6 +189,9 @@ class _Decoder:
         self.view_refs: list[int] = []
         #: how many eager payload decodes are running, one inside another
         self._nested = 0
+        #: msgpack's decode of a small payload, its options bound once (it runs once per small dict)
+        self._unpack_small = partial(msgpack.unpackb, raw=False, strict_map_key=False, ext_hook=self._ext,
+                                     object_pairs_hook=self._no_maps)
 
     # -- counting: every msgpack array and map decoded passes through one of these hooks
     def _spend(self, n: int = 1) -> None:
@@ -274,8 +278,7 @@ class _Decoder:
         try:
             if self._nested > self.limits.max_depth:
                 raise self._too_deep()
-            items = msgpack.unpackb(payload, raw=False, strict_map_key=False, ext_hook=self._ext,
-                                    object_pairs_hook=self._no_maps)
+            items = self._unpack_small(payload)
         finally:
             self._nested -= 1
         return self._build(code, items)
