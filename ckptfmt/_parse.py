@@ -151,6 +151,16 @@ def _map_header(data: Any) -> tuple[int, int] | None:
     return None
 
 
+def _lists_in(values: Any) -> int:
+    """How many lists ``values`` holds, at any depth through lists (not inside dicts and tuples)."""
+    stack = [v for v in values if type(v) is list]
+    count = 0
+    while stack:
+        count += 1
+        stack.extend([v for v in stack.pop() if type(v) is list])
+    return count
+
+
 class _Deferred:
     """A tuple (ext 2) or dict (ext 5) whose payload is decoded later, by :func:`_TreeDecoder._expand`.
 
@@ -271,8 +281,8 @@ class _Decoder:
     def _eager(self, code: int, payload: bytes) -> Any:
         """A small tuple or dict (ext 2, ext 5) built at once, nested small ones inside it too.
 
-        Its lists are not counted while it decodes (at most a few thousand, from at most
-        :data:`_EAGER_BYTES` bytes); :meth:`_check_built` counts and checks the subtree afterwards.
+        It and its lists are counted against the container cap as soon as it is built (its nested
+        small ones were counted when they were); :meth:`_check_built` checks the subtree afterwards.
         """
         self._nested += 1
         try:
@@ -281,7 +291,12 @@ class _Decoder:
             items = self._unpack_small(payload)
         finally:
             self._nested -= 1
-        return self._build(code, items)
+        node = self._build(code, items)
+        # counted now, not after the parent's decode: the cap bounds memory while the file decodes (§8.1)
+        self.left -= 1 + _lists_in(node.values() if code == EXT_MAP else node)
+        if self.left < 0:
+            self._spend(0)
+        return node
 
     def _build(self, code: int, items: Any) -> Any:
         """The tuple or dict that a decoded ext 2 or ext 5 payload stands for (§4.2), its keys checked."""
@@ -303,16 +318,13 @@ class _Decoder:
         return d
 
     def _check_built(self, root: Any, depth: int) -> None:
-        """Count and check a subtree built by :meth:`_eager` (root at nesting level ``depth``), in one loop."""
+        """Check a subtree built by :meth:`_eager` (root at nesting level ``depth``), in one loop: depth, leaves."""
         max_depth = self.limits.max_depth
         stack = [(root, depth)]
         while stack:
             node, level = stack.pop()
             if level > max_depth:
                 raise self._too_deep()
-            self.left -= 1
-            if self.left < 0:
-                self._spend(0)
             values = list(node.values()) if type(node) is dict else node
             types = self._leaves(values)
             if list in types or dict in types or tuple in types:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+import tracemalloc
 from pathlib import Path
 from typing import Any
 
@@ -114,12 +115,20 @@ def test_a_tuple_payload_that_is_not_an_array(tmp_ckpt: Path, decode_path: str) 
         ckptfmt.open(tmp_ckpt)
 
 
-def test_empty_lists_in_small_dicts_hit_the_container_cap(tmp_ckpt: Path, decode_path: str) -> None:
-    """The lists of a payload decoded at once are counted after it: the cap still holds (§8.1)."""
+def test_empty_lists_in_small_dicts_hit_the_container_cap_in_bounded_memory(tmp_ckpt: Path, decode_path: str
+                                                                            ) -> None:
+    """The lists of a payload decoded at once are counted as it is built, not after its parent (§8.1)."""
     small = mc.t_map(["e"], [[[] for _ in range(1000)]])
-    tmp_ckpt.write_bytes(mc.build_file(blobs=[mc.A], tree_raw=msgpack.packb([0, *([small] * 400)])))
-    with pytest.raises(ckptfmt.MetadataLimitError, match="containers"):
-        ckptfmt.open(tmp_ckpt)
+    tmp_ckpt.write_bytes(mc.build_file(blobs=[mc.A], tree_raw=msgpack.packb([0, *([small] * 1000)])))
+    size = tmp_ckpt.stat().st_size  # about 1 MB: a million empty lists, 64 MB decoded uncounted
+    tracemalloc.start()
+    try:
+        with pytest.raises(ckptfmt.MetadataLimitError, match="containers"):
+            ckptfmt.open(tmp_ckpt)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 40 * size, (peak, size)
     ckptfmt.open(tmp_ckpt, limits=ckptfmt.Limits(bytes_per_container=0)).close()
 
 
