@@ -76,7 +76,8 @@ def _skip(data: Any, pos: int) -> int:
     """Where the msgpack object starting at ``data[pos]`` ends, read from its headers alone (no copy, no decode).
 
     Structure only, as msgpack's ``Unpacker.skip``: ``ValueError`` on a truncated or malformed object,
-    :class:`_ManyObjects` past :data:`_SKIP_STEPS` objects.
+    :class:`_ManyObjects` past :data:`_SKIP_STEPS` objects (the caller then redoes the whole map with
+    msgpack's skip, over one copy: never once per value, which would be quadratic).
     """
     size = len(data)
     pending = 1
@@ -117,17 +118,6 @@ def _skip(data: Any, pos: int) -> int:
     if pos > size:
         raise ValueError("truncated msgpack data")
     return pos
-
-
-def _skip_any(data: Any, pos: int) -> int:
-    """:func:`_skip`, or msgpack's own skip over a copy of the rest for a value of many objects."""
-    try:
-        return _skip(data, pos)
-    except _ManyObjects:
-        unpacker = msgpack.Unpacker(max_buffer_size=max(len(data) - pos, 1))
-        unpacker.feed(data[pos:])
-        unpacker.skip()
-        return pos + unpacker.tell()
 
 
 def _bin(data: Any) -> Any:
@@ -240,7 +230,16 @@ class _Decoder:
         """The tensor or view map: known columns decoded, unknown entries (any msgpack value) skipped (§4.3).
 
         Binary columns come back as views of ``buf`` (read in place, never copied); the rest is decoded.
+        An entry of many objects (only an unknown one can be) sends the whole map to msgpack's skip.
         """
+        left = self.left
+        try:
+            return self._columns_in_place(buf, known, what)
+        except _ManyObjects:
+            self.left = left
+            return self._columns_copied(buf, known, what)
+
+    def _columns_in_place(self, buf: Any, known: frozenset[str], what: str) -> dict[str, Any]:
         head = _map_header(buf)
         if head is None:
             raise InvalidMetadataError(self.path, f"'{what}' is not a map")
@@ -248,11 +247,11 @@ class _Decoder:
         self._spend()
         out: dict[str, Any] = {}
         for _ in range(count):
-            end = _skip_any(buf, pos)
+            end = _skip(buf, pos)
             key = self.plain(buf[pos:end])
             if type(key) is not str:
                 raise InvalidMetadataError(self.path, f"'{what}' has a key {key!r} that is not a str")
-            pos, end = end, _skip_any(buf, end)
+            pos, end = end, _skip(buf, end)
             if key in known:
                 if key in out:
                     raise InvalidMetadataError(self.path, f"'{what}' has two {key!r} entries")
@@ -260,6 +259,29 @@ class _Decoder:
                 raw = _bin(value)
                 out[key] = raw if raw is not None else self.plain(value)
             pos = end
+        return out
+
+    def _columns_copied(self, buf: Any, known: frozenset[str], what: str) -> dict[str, Any]:
+        unpacker = msgpack.Unpacker(raw=False, strict_map_key=False, ext_hook=self._no_ext,
+                                    object_pairs_hook=self._pairs, list_hook=self._list,
+                                    max_buffer_size=max(len(buf), 1))
+        unpacker.feed(buf)
+        try:
+            count = unpacker.read_map_header()
+        except ValueError:  # msgpack: "Unexpected type"
+            raise InvalidMetadataError(self.path, f"'{what}' is not a map") from None
+        self._spend()
+        out: dict[str, Any] = {}
+        for _ in range(count):
+            key = unpacker.unpack()
+            if type(key) is not str:
+                raise InvalidMetadataError(self.path, f"'{what}' has a key {key!r} that is not a str")
+            if key not in known:
+                unpacker.skip()
+                continue
+            if key in out:
+                raise InvalidMetadataError(self.path, f"'{what}' has two {key!r} entries")
+            out[key] = unpacker.unpack()
         return out
 
     # -- the tree (§4.2)
@@ -485,25 +507,55 @@ def parse_manifest(data: bytes, *, path: str | None, minor: int, alignment: int,
 def _sections(data: Any, path: str | None) -> dict[str, tuple[int, int]]:
     """Byte ranges of the top-level map's values, by key; refuses duplicate keys and trailing bytes.
 
-    Found from the msgpack headers in place (:func:`_skip`): the metadata is neither copied nor decoded here.
+    Found from the msgpack headers in place (:func:`_skip`): the metadata is neither copied nor decoded
+    here, unless a value holds many objects (large user metadata): then msgpack skips over one copy.
     """
+    try:
+        return _sections_in_place(data, path)
+    except _ManyObjects:
+        return _sections_copied(data, path)
+
+
+def _sections_in_place(data: Any, path: str | None) -> dict[str, tuple[int, int]]:
     head = _map_header(data)
     if head is None:
         raise InvalidMetadataError(path, "metadata is not a msgpack map")
     count, pos = head
     out: dict[str, tuple[int, int]] = {}
     for _ in range(count):
-        end = _skip_any(data, pos)
+        end = _skip(data, pos)
         key = msgpack.unpackb(data[pos:end], raw=False)
         if not isinstance(key, str):
             raise InvalidMetadataError(path, f"metadata key {key!r} is not a str")
         if key in out:
             raise InvalidMetadataError(path, f"metadata has two {key!r} entries")
-        pos, end = end, _skip_any(data, end)
+        pos, end = end, _skip(data, end)
         out[key] = (pos, end)
         pos = end
     if pos != len(data):
         raise InvalidMetadataError(path, f"{len(data) - pos} bytes follow the metadata map")
+    return out
+
+
+def _sections_copied(data: Any, path: str | None) -> dict[str, tuple[int, int]]:
+    unpacker = msgpack.Unpacker(raw=False, max_buffer_size=max(len(data), 1))
+    unpacker.feed(data)
+    try:
+        count = unpacker.read_map_header()
+    except Exception:
+        raise InvalidMetadataError(path, "metadata is not a msgpack map") from None
+    out: dict[str, tuple[int, int]] = {}
+    for _ in range(count):
+        key = unpacker.unpack()
+        if not isinstance(key, str):
+            raise InvalidMetadataError(path, f"metadata key {key!r} is not a str")
+        if key in out:
+            raise InvalidMetadataError(path, f"metadata has two {key!r} entries")
+        start = unpacker.tell()
+        unpacker.skip()
+        out[key] = (start, unpacker.tell())
+    if unpacker.tell() != len(data):
+        raise InvalidMetadataError(path, f"{len(data) - unpacker.tell()} bytes follow the metadata map")
     return out
 
 

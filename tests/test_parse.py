@@ -165,12 +165,14 @@ def test_skip_matches_msgpack_on_every_kind_of_object() -> None:
               msgpack.ExtType(1, b"abcd"), msgpack.ExtType(1, b"a" * 8), msgpack.ExtType(1, b"a" * 16),
               msgpack.ExtType(1, b"a" * 3), msgpack.ExtType(1, b"a" * 300), msgpack.ExtType(1, b"a" * 70000),
               "", "a" * 31, "a" * 32, "a" * 300, "a" * 70000, b"", b"b" * 300, b"b" * 70000,
-              [], [1] * 15, [1] * 16, [1] * 70000, {}, {str(i): i for i in range(15)},
-              {str(i): i for i in range(16)}, {str(i): [i] for i in range(70000)}]
+              [], [1] * 15, [1] * 16, [[1, [2]], {"k": [3]}], {}, {str(i): i for i in range(15)},
+              {str(i): i for i in range(16)}, {str(i): [i] for i in range(80)}]
     for v in values:
         packed = msgpack.packb(v, use_bin_type=True)
         data = memoryview(b"\x01" + packed + b"\x02")
-        assert _parse._skip_any(data, 1) == 1 + len(packed), v if not isinstance(v, (list, dict)) else len(v)
+        assert _parse._skip(data, 1) == 1 + len(packed), v if not isinstance(v, (list, dict)) else len(v)
+    with pytest.raises(_parse._ManyObjects):
+        _parse._skip(memoryview(msgpack.packb(list(range(_parse._SKIP_STEPS)))), 0)
 
 
 @pytest.mark.parametrize("raw", [b"\xc1", b"\xc4\x05ab", b"\xda\x00", b"\xdc\x00\x03\x01", b"\x92\x01",
@@ -188,3 +190,11 @@ def test_a_column_whose_length_runs_past_its_map_is_invalid_metadata(tmp_ckpt: P
     tmp_ckpt.write_bytes(mc.build_file(blobs=[mc.A, mc.B], meta_raw=meta[:i] + b"\xff" + meta[i + 1:]))
     with pytest.raises(ckptfmt.InvalidMetadataError):
         ckptfmt.open(tmp_ckpt)
+
+
+def test_an_unknown_column_of_many_objects_is_skipped(tmp_ckpt: Path) -> None:
+    many = {"later": list(range(3 * _parse._SKIP_STEPS)), "ext": msgpack.ExtType(9, b"z")}
+    tmp_ckpt.write_bytes(mc.build_file(blobs=[mc.A, mc.B], edit_table=lambda t: t.update(future=many)))
+    with ckptfmt.open(tmp_ckpt) as c:
+        assert c.manifest.tensors.shape(1) == (2, 2)
+        np.testing.assert_array_equal(c.get("t1"), np.arange(4).reshape(2, 2))
