@@ -226,20 +226,22 @@ class _Decoder:
         return msgpack.unpackb(buf, raw=False, strict_map_key=False, ext_hook=self._no_ext,
                                object_pairs_hook=self._pairs, list_hook=self._list)
 
-    def columns(self, buf: Any, known: frozenset[str], what: str) -> dict[str, Any]:
+    def columns(self, buf: Any, known: frozenset[str], what: str, *, copy: bool) -> dict[str, Any]:
         """The tensor or view map: known columns decoded, unknown entries (any msgpack value) skipped (§4.3).
 
-        Binary columns come back as views of ``buf`` (read in place, never copied); the rest is decoded.
+        Binary columns come back as views of ``buf`` (read in place), or as copies with ``copy`` (when
+        they are a small part of the metadata, so that the table does not keep all of it alive); the
+        rest is decoded.
         An entry of many objects (only an unknown one can be) sends the whole map to msgpack's skip.
         """
         left = self.left
         try:
-            return self._columns_in_place(buf, known, what)
+            return self._columns_in_place(buf, known, what, copy)
         except _ManyObjects:
             self.left = left
             return self._columns_copied(buf, known, what)
 
-    def _columns_in_place(self, buf: Any, known: frozenset[str], what: str) -> dict[str, Any]:
+    def _columns_in_place(self, buf: Any, known: frozenset[str], what: str, copy: bool) -> dict[str, Any]:
         head = _map_header(buf)
         if head is None:
             raise InvalidMetadataError(self.path, f"'{what}' is not a map")
@@ -257,7 +259,7 @@ class _Decoder:
                     raise InvalidMetadataError(self.path, f"'{what}' has two {key!r} entries")
                 value = buf[pos:end]
                 raw = _bin(value)
-                out[key] = raw if raw is not None else self.plain(value)
+                out[key] = self.plain(value) if raw is None else bytes(raw) if copy else raw
             pos = end
         return out
 
@@ -459,9 +461,9 @@ def parse_manifest(data: bytes, *, path: str | None, minor: int, alignment: int,
             elif key == "tree":
                 meta[key] = dec.tree(part)
             elif key == "tensors":
-                meta[key] = dec.columns(part, TENSOR_COLUMNS, key)
+                meta[key] = dec.columns(part, TENSOR_COLUMNS, key, copy=2 * len(part) < len(data))
             elif key == "views":
-                meta[key] = dec.columns(part, VIEW_COLUMNS, key)
+                meta[key] = dec.columns(part, VIEW_COLUMNS, key, copy=2 * len(part) < len(data))
             else:
                 meta[key] = dec.plain(part)
     except (InvalidMetadataError, MemoryError):

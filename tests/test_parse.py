@@ -198,3 +198,20 @@ def test_an_unknown_column_of_many_objects_is_skipped(tmp_ckpt: Path) -> None:
     with ckptfmt.open(tmp_ckpt) as c:
         assert c.manifest.tensors.shape(1) == (2, 2)
         np.testing.assert_array_equal(c.get("t1"), np.arange(4).reshape(2, 2))
+
+
+def _held_bytes(column: np.ndarray) -> int:
+    """Size of the bytes object a column keeps alive."""
+    holder = column.base
+    return len(holder.obj if isinstance(holder, memoryview) else holder)
+
+
+@pytest.mark.parametrize("big_user", [False, True])
+def test_columns_are_read_in_place_unless_they_are_a_small_part(tmp_ckpt: Path, big_user: bool) -> None:
+    """In place, the table keeps the metadata alive: worth it only when the table is most of it."""
+    state = {f"t{i}": np.full(2, i, np.float32) for i in range(500)}
+    ckptfmt.save(tmp_ckpt, state, metadata={"blob": b"u" * 200_000} if big_user else None)
+    with ckptfmt.open(tmp_ckpt) as c:
+        held = _held_bytes(c.manifest.tensors.offset)
+        assert held == 8 * 500 if big_user else held == c.footer.metadata_length
+        np.testing.assert_array_equal(c.get("t499"), np.full(2, 499, np.float32))
