@@ -14,10 +14,10 @@ from ._api import __version__, diff, inspect, load, load_bytes, open, save, save
 from ._backend import ArrayBackend, DeviceSource, get_backend, register_backend
 from ._dtypes import DTYPES, DType
 from ._lazy import LazyArray
-from ._manifest import Limits, TensorEntry
 from ._migrate import migrate
 from ._reader import Checkpoint, TensorInfo, TensorSlice, VerifyReport
 from ._staging import SaveHandle, StagingPool
+from ._tables import Limits, TensorEntry
 from ._versions import FORMAT_MAJOR, FORMAT_MINOR
 from .errors import (
     BadMagicError,

@@ -18,13 +18,15 @@ import numpy as np
 
 from ._backend import ArrayBackend, Source
 from ._dtypes import DType
+from ._encode import PackedTree, fit_metadata
 from ._header import DEFAULT_ALIGNMENT, check_alignment
 from ._keypath import join
-from ._manifest import Limits, PackedTree, ViewRef, check_plain, fit_metadata, tensor_ref
+from ._plain import check_plain
 from ._plan import Plan, plan
 from ._reader import Checkpoint, VerifyReport
 from ._staging import SaveHandle, Stager, StagingPool, _Cancelled, _Feed, staged_rows
 from ._stream import is_path, name_of, open_bytes, open_stream, output
+from ._tables import Limits, ViewRef, tensor_ref
 from ._tree import count_leaves, plain, walk_leaves, walk_nodes
 from ._types import TYPES_KEY, encode_types
 from ._writer import ProgressCallback, Writer

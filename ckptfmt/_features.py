@@ -16,7 +16,7 @@ from ._versions import FEATURE_COMPRESSED, FEATURE_PACKED
 from .errors import InvalidMetadataError
 
 if TYPE_CHECKING:
-    from ._manifest import TensorTable
+    from ._tables import TensorTable
 
 _U8 = np.dtype("u1")
 _U64 = np.dtype("<u8")
@@ -26,7 +26,7 @@ PACKED_KEYS = ("pack_alignment", "pack_below")
 
 def _col(table: dict[str, Any], name: str, dtype: np.dtype, count: int, path: str | None) -> np.ndarray:
     raw = table.get(name)
-    if not isinstance(raw, bytes) or len(raw) != count * dtype.itemsize:
+    if not isinstance(raw, (bytes, memoryview)) or len(raw) != count * dtype.itemsize:
         raise InvalidMetadataError(path, f"tensor table column {name!r} is missing, not binary, or not "
                                          f"{count * dtype.itemsize} bytes")
     return np.frombuffer(raw, dtype=dtype)

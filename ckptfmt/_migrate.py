@@ -19,8 +19,8 @@ import msgpack
 from ._atomic import atomic_write
 from ._codec import check_level
 from ._dtypes import DType
-from ._manifest import _KNOWN_SECTIONS
 from ._reader import Checkpoint
+from ._tables import KNOWN_SECTIONS
 from ._writer11 import Writer11
 from .errors import ChecksumMismatchError, UnsupportedVersionError
 
@@ -57,7 +57,7 @@ def migrate(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, to: str
         packed = True if pack is None else pack
     bar = None
     with Checkpoint(src) as ckpt:
-        extra = sorted(set(ckpt.manifest.unknown) - _KNOWN_SECTIONS)
+        extra = sorted(set(ckpt.manifest.unknown) - KNOWN_SECTIONS)
         if extra:
             raise UnsupportedVersionError(ckpt.path, f"metadata sections {extra} are unknown to this ckptfmt, so "
                                                      "migrating would drop them; upgrade ckptfmt")

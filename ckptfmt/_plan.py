@@ -16,7 +16,8 @@ import numpy as np
 
 from ._backend import ArrayBackend, Source, backend_for
 from ._dtypes import DTYPES, DType, numpy_dtypes
-from ._manifest import EXT_SCALAR, EXT_VIEW, EncodeError, TreeEncoder, ViewEntry, ViewTable
+from ._encode import EncodeError, TreeEncoder
+from ._tables import EXT_SCALAR, EXT_VIEW, ViewEntry, ViewTable
 from .errors import UnsupportedDTypeError, UnsupportedObjectError
 
 _UINT8 = DTYPES["uint8"]

@@ -26,16 +26,9 @@ from ._fileio import SharedFile, madvise_populate, map_file, pread_exact
 from ._footer import FOOTER_SIZE, parse_footer
 from ._header import HEADER_SIZE, MAGIC, Header, parse_header
 from ._lazy import LazyArray
-from ._manifest import (
-    Limits,
-    Manifest,
-    TensorEntry,
-    ViewRef,
-    blob_region_start,
-    parse_manifest,
-    tensor_ref,
-)
+from ._parse import parse_manifest
 from ._slice import plan_slice
+from ._tables import Limits, Manifest, TensorEntry, ViewRef, blob_region_start, tensor_ref
 from ._tree import map_tree, plain, rebuild, resolve, tensor_rows, walk_leaves
 from ._types import TYPES_KEY, parse_types, restore_types
 from .errors import (

@@ -17,8 +17,8 @@ from collections.abc import Iterator
 from typing import Any
 
 from ._atomic import atomic_write
-from ._manifest import Limits
 from ._reader import Checkpoint
+from ._tables import Limits
 from ._writer import Sink
 
 _READ_CHUNK = 8 << 20

@@ -2,8 +2,8 @@
 
 Two kinds of tree pass through ckptfmt: the user's object (dicts, lists, tuples of arrays and
 plain values) and the *decoded* tree of a file, whose tensor leaves are references (a plain ``int``
-row, :class:`~ckptfmt._manifest.TensorRef`, :class:`~ckptfmt._manifest.ViewRef`) and whose
-integers are :class:`~ckptfmt._manifest.PlainInt`. Every walk is iterative, so depth is bounded by
+row, :class:`~ckptfmt._tables.TensorRef`, :class:`~ckptfmt._tables.ViewRef`) and whose
+integers are :class:`~ckptfmt._tables.PlainInt`. Every walk is iterative, so depth is bounded by
 the caller's limits, never by Python's recursion limit (except :func:`map_tree` and :func:`rebuild`,
 which copy a tree already checked to be at most ``Limits.max_depth`` deep).
 """
@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from . import _keypath
-from ._manifest import PlainInt, TensorRef, ViewRef, tensor_ref
+from ._tables import PlainInt, TensorRef, ViewRef, tensor_ref
 from .errors import CheckpointKeyError
 
 __all__ = ["Path", "children", "count_leaves", "is_decimal", "map_tree", "plain", "rebuild", "resolve", "short",

@@ -25,9 +25,10 @@ import xxhash
 from ._backend import Source
 from ._checksum import EMPTY_CHECKSUM, checksum, hasher
 from ._dtypes import DType
+from ._encode import pack_metadata
 from ._footer import Footer
 from ._header import Header
-from ._manifest import TensorTable, ViewTable, align_up, blob_region_start, pack_metadata
+from ._tables import TensorTable, ViewTable, align_up, blob_region_start
 from ._versions import minor_for
 
 #: Blobs below this are batched (queued in place when contiguous, else copied into the buffer); larger

@@ -17,7 +17,7 @@ from ._backend import Source
 from ._checksum import EMPTY_CHECKSUM, hasher
 from ._codec import _WORKERS, CHUNK_BYTES, KNOWN_CODECS, RAW, check_level, codec_for, encode_chunk, ordered, zstd
 from ._dtypes import DType
-from ._manifest import TensorTable
+from ._tables import TensorTable
 from ._versions import FEATURE_COMPRESSED, FEATURE_PACKED
 from ._writer import CHUNK_SIZE, ProgressCallback, Sink, Writer, _as_bytes, _needs_conversion, contiguous_chunks
 

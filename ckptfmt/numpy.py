@@ -10,8 +10,8 @@ from collections.abc import Iterable
 from typing import Any
 
 from . import _api
-from ._manifest import Limits
 from ._reader import Checkpoint
+from ._tables import Limits
 
 __all__ = ["load", "load_bytes", "open", "save", "save_bytes"]
 

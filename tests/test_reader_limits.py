@@ -102,7 +102,7 @@ def test_running_out_of_memory_is_not_reported_as_corruption(tmp_ckpt: Path, mon
     def no_memory(*args: Any, **kw: Any) -> Any:
         raise MemoryError
 
-    monkeypatch.setattr("ckptfmt._manifest.msgpack.unpackb", no_memory)
+    monkeypatch.setattr("ckptfmt._parse.msgpack.unpackb", no_memory)
     with pytest.raises(MemoryError) as info:
         ckptfmt.open(tmp_ckpt)
     assert not isinstance(info.value, ckptfmt.CheckpointError)

@@ -7,7 +7,7 @@ import pytest
 
 import ckptfmt
 from ckptfmt import _tree
-from ckptfmt._manifest import PlainInt, TensorRef, ViewRef
+from ckptfmt._tables import PlainInt, TensorRef, ViewRef
 from ckptfmt.errors import CheckpointKeyError
 
 # a decoded tree: int = tensor row, TensorRef = array scalar, ViewRef = view row, PlainInt = a plain int

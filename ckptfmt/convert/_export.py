@@ -25,8 +25,8 @@ from .._atomic import atomic_write
 from .._backend import get_backend
 from .._dtypes import DTYPES, numpy_dtype
 from .._keypath import join
-from .._manifest import ViewRef, tensor_ref
 from .._reader import Checkpoint
+from .._tables import ViewRef, tensor_ref
 from .._tree import map_tree, walk
 from .._writer import contiguous_chunks
 from ..errors import MissingDependencyError, UnsupportedObjectError

@@ -26,8 +26,8 @@ import numpy as np
 from .._atomic import atomic_file
 from .._dtypes import DTYPES, DType, from_numpy, numpy_dtype
 from .._keypath import join
-from .._manifest import TensorRef, ViewRef
 from .._reader import Checkpoint
+from .._tables import TensorRef, ViewRef
 from ..errors import (
     CheckpointError,
     MissingDependencyError,

@@ -18,9 +18,9 @@ from collections.abc import Iterable
 from typing import Any
 
 from .. import _api
-from .._manifest import Limits
 from .._reader import Checkpoint
 from .._staging import SaveHandle, StagingPool
+from .._tables import Limits
 from ._training import (
     StateDictMismatchError,
     TrainingCheckpoint,
