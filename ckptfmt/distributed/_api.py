@@ -40,15 +40,16 @@ class SaveOptions:
 
     ``model_only`` keeps only modules and the keys in :data:`MODEL_KEYS`; ``include_optimizer=False``
     drops optimizers and :data:`OPTIMIZER_KEYS`; ``rng_state`` adds each rank's RNG states under
-    ``rng_state/rank<N>``; ``timeout`` (s) bounds every collective wait; ``compression`` (a format
-    compression level) is pending: any level other than None is refused (spec/DISTRIBUTED.md §6).
+    ``rng_state/rank<N>``; ``timeout`` (s) bounds every collective wait; ``compression`` is a format
+    compression level (``fast``, ``balanced``, ``maximum``; None: raw), stored so that a reshard still
+    reads and decodes only the chunks it needs (spec/DISTRIBUTED.md §3.1).
     """
 
     name: str | None = None
     model_only: bool = False
     include_optimizer: bool = True
     rng_state: bool = False
-    compression: int | None = None
+    compression: str | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
     timeout: float | None = None
     block_size: int = DEFAULT_BLOCK_SIZE

@@ -7,15 +7,15 @@ checks each block's xxh3 and hands back just the bytes asked for.
 from __future__ import annotations
 
 import os
-import struct
 from typing import Any
 
 import numpy as np
 
 from .._checksum import checksum
+from .._codec import StoredRow, decode_into
 from .._dtypes import DTYPES, numpy_dtype
 from ..errors import ChecksumMismatchError, CorruptCheckpointError, TruncatedCheckpointError
-from ._index import INDEX_NAME, MAX_INDEX_BYTES, Extent, Index, TensorRecord, parse_index
+from ._index import INDEX_NAME, MAX_INDEX_BYTES, Coding, Extent, Index, TensorRecord, parse_index
 from ._store import Location
 
 
@@ -35,31 +35,74 @@ def check_files(loc: Location, idx: Index) -> None:
 
 
 def read_range(loc: Location, idx: Index, ext: Extent, start: int, stop: int, *, key: str = "") -> np.ndarray:
-    """Bytes ``[start, stop)`` of ``ext`` as a uint8 array, after checking every block they touch."""
+    """Bytes ``[start, stop)`` of ``ext``'s data as a uint8 array, after checking every block they touch.
+
+    A compressed extent reads the stored bytes of just the chunks the range overlaps, checks each
+    chunk's checksum, then decodes them (§6).
+    """
     if not 0 <= start <= stop <= ext.length:
         raise ValueError(f"range [{start}, {stop}) outside an extent of {ext.length} bytes")
     if stop == start:
         return np.empty(0, np.uint8)
+    if ext.coding is not None:
+        return _read_coded(loc, idx, ext, ext.coding, start, stop, key)
     bs = idx.block_size
     b0, b1 = start // bs, (stop + bs - 1) // bs
     lo, hi = b0 * bs, min(b1 * bs, ext.length)
-    buf = np.empty(hi - lo, np.uint8)
+    buf = _read(loc, idx, ext, lo, hi - lo)
+    _verify(loc, idx, ext, buf, b0, b1, [min(i * bs, ext.length) - lo for i in range(b0, b1 + 1)], key, "block")
+    return buf[start - lo:stop - lo]
+
+
+def _read(loc: Location, idx: Index, ext: Extent, at: int, n: int) -> np.ndarray:
+    """``n`` stored bytes of ``ext`` from ``at`` (relative to its offset)."""
+    buf = np.empty(n, np.uint8)
     name = idx.files[ext.file].name
     try:
-        loc.read_into(name, ext.offset + lo, buf.data)
+        loc.read_into(name, ext.offset + at, buf.data)
     except EOFError as err:
         raise TruncatedCheckpointError(loc.join(loc.root, name), str(err)) from None
+    return buf
+
+
+def _verify(loc: Location, idx: Index, ext: Extent, buf: np.ndarray, b0: int, b1: int, bounds: list[int],
+            key: str, unit: str) -> None:
+    """Check units ``b0 .. b1 - 1`` of ``buf`` (unit ``i`` at ``buf[bounds[i - b0]:bounds[i - b0 + 1]]``)."""
     mv = buf.data
-    for i in range(b0, b1):
-        s = i * bs - lo
-        e = min(s + bs, hi - lo)
-        (want,) = struct.unpack_from("<Q", ext.checksums, 8 * i)
-        if checksum(mv[s:e]) != want:
+    want = np.frombuffer(ext.checksums, "<u8", b1 - b0, 8 * b0).tolist()
+    for i, w in enumerate(want):
+        s, e = bounds[i], bounds[i + 1]
+        if checksum(mv[s:e]) != w:
+            name = idx.files[ext.file].name
             raise ChecksumMismatchError(loc.join(loc.root, name),
-                                        f"block {i} of {key or 'an extent'} (bytes {ext.offset + i * bs}.."
-                                        f"{ext.offset + i * bs + e - s}) does not match its checksum",
-                                        region=f"block {i}", key=key or None)
-    return buf[start - lo:stop - lo]
+                                        f"{unit} {b0 + i} of {key or 'an extent'} does not match its checksum",
+                                        region=f"{unit} {b0 + i}", key=key or None)
+
+
+def _read_coded(loc: Location, idx: Index, ext: Extent, c: Coding, start: int, stop: int, key: str) -> np.ndarray:
+    """Decoded bytes ``[start, stop)`` of a compressed extent: only the chunks they overlap are read."""
+    cb, k = c.chunk_bytes, c.planes
+    first, last = start // cb, (stop - 1) // cb
+    sizes = c.piece_sizes()
+    # stored offset of each chunk from `first` to `last + 1`: prefix sums of just the pieces before them
+    base = int(sizes[: first * k].sum(dtype=np.uint64))
+    ends = np.cumsum(sizes[first * k : (last + 1) * k].reshape(-1, k).sum(axis=1, dtype=np.uint64), dtype=np.uint64)
+    bounds = [0, *ends.tolist()]
+    buf = _read(loc, idx, ext, base, bounds[-1])
+    _verify(loc, idx, ext, buf, first, last + 1, bounds, key, "chunk")
+    row = StoredRow(c.codec, k, ext.length, 0, tuple(sizes.tolist()), cb)
+    name = idx.files[ext.file].name
+
+    def read(at: int, n: int) -> np.ndarray:  # ``at``: from the extent's first stored byte; all read above
+        return buf[at - base : at - base + n]
+
+    out = np.empty(stop - start, np.uint8)
+    where = f"{loc.join(loc.root, name)}: {key or 'an extent'}"
+    try:
+        decode_into(row, read, out, lambda: where, start=start, stop=stop)
+    except ChecksumMismatchError as e:
+        raise ChecksumMismatchError(loc.join(loc.root, name), str(e), region="chunk", key=key or None) from None
+    return out
 
 
 def covered_exactly_once(rec: TensorRecord) -> str | None:
@@ -97,7 +140,7 @@ def read_tensor(loc: Location, idx: Index, rec: TensorRecord) -> np.ndarray:
     dt = numpy_dtype(DTYPES[rec.dtype])  # little-endian, as stored
     out = np.empty(rec.shape, dt)
     for c in rec.chunks:
-        raw = read_range(loc, idx, c.extent, 0, c.extent.length, key=rec.key)
+        raw = read_range(loc, idx, c.extent, 0, c.extent.length, key=rec.key)  # length: decoded bytes
         box = tuple(slice(o, o + s) for o, s in zip(c.offsets, c.sizes, strict=False))
         out[box] = raw.view(dt).reshape(c.sizes)
     return out

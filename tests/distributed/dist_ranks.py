@@ -269,3 +269,11 @@ def save_then_load(rank: int, world: int, dst: str, src: str) -> dict[str, int]:
     """Save the DTensor state over ``world`` ranks to ``dst``, then load ``src`` (saved by another world size)."""
     save_dtensors(rank, world, dst)
     return load_dtensors(rank, world, src)
+
+
+def save_dtensors_compressed(rank: int, world: int, path: str, level: str) -> int:
+    """Save the DTensor state (Shard(0) over ``world`` ranks) with compression ``level``."""
+    import ckptfmt.distributed as cd
+
+    cd.save(dtensor_state(_mesh(world)), path, options=cd.SaveOptions(compression=level, name=f"w{world}-{level}"))
+    return world

@@ -106,7 +106,7 @@ def test_index_size_is_capped(saved):
 
 
 def test_newer_index_version_is_refused(saved):
-    _rewrite(saved, lambda m: m.update(version=2))
+    _rewrite(saved, lambda m: m.update(version=3))
     with pytest.raises(ckptfmt.UnsupportedVersionError):
         cd.consolidate(saved)
 
