@@ -85,11 +85,21 @@ def test_options_select_and_rng(tmp_path):
     assert torch.equal(model2.weight, model.weight)
 
 
-def test_compression_option_is_refused_while_pending(tmp_path):
-    import ckptfmt
+def test_compressed_writer_under_plain_dcp(tmp_path):
+    """dcp.save with Writer(compression=...) and DCP's default planner; dcp.load with Reader."""
+    import warnings
 
-    with pytest.raises(ckptfmt.UnsupportedObjectError, match="pending"):
-        cd.save({"w": torch.ones(2)}, tmp_path / "z", options=cd.SaveOptions(compression=3))
+    import torch.distributed.checkpoint as dcp
+
+    p = str(tmp_path / "z")
+    w = torch.linspace(0, 1, 300_000).reshape(600, 500)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save({"w": w, "n": 5}, storage_writer=cd.Writer(p, compression="balanced"), no_dist=True)
+        t = {"w": torch.zeros(600, 500), "n": 0}
+        dcp.load(t, storage_reader=cd.Reader(p), no_dist=True)
+    assert torch.equal(t["w"], w) and t["n"] == 5
+    assert os.path.getsize(os.path.join(p, "rank00000.ckpt")) < w.nbytes // 2
 
 
 def test_plain_dcp_default_planners_no_pickle_and_plan_caching(tmp_path, monkeypatch):
