@@ -10,6 +10,7 @@ import pytest
 from ckptfmt.distributed._store import is_transient, retry
 
 torch = pytest.importorskip("torch")
+import ckptfmt  # noqa: E402
 import ckptfmt.distributed as cd  # noqa: E402
 
 
@@ -127,3 +128,31 @@ def test_plain_dcp_default_planners_no_pickle_and_plan_caching(tmp_path, monkeyp
             t = {"w": torch.zeros(6), "cfg": {"betas": None}, "n": 0}
             dcp.load(t, storage_reader=cd.Reader(tmp_path / name))  # DCP's DefaultLoadPlanner
             assert t["n"] == n and t["cfg"]["betas"] == (0.9, 0.99) and torch.equal(t["w"], torch.arange(6.0))
+
+
+def test_save_converts_stateful_and_restores_dcp_logger(tmp_path):
+    """The convenience save calls state_dict() of Stateful values itself (DCP's inner save, no per-key
+    log wrapper) and leaves DCP's logger at the level it found."""
+    from torch.distributed.checkpoint.logger import _dcp_logger
+
+    from ckptfmt.distributed import _api
+
+    class Counter:
+        def __init__(self, n: int) -> None:
+            self.n = n
+
+        def state_dict(self) -> dict:
+            return {"n": self.n, "t": torch.full((3,), float(self.n))}
+
+        def load_state_dict(self, sd: dict) -> None:
+            self.n = sd["n"]
+
+    assert _api._inner_save() is not None  # this torch has the inner save with the expected parameters
+    level = _dcp_logger.level
+    p = str(tmp_path / "s")
+    cd.save({"counter": Counter(5), "w": torch.ones(4)}, p)
+    assert _dcp_logger.level == level
+    c = Counter(0)
+    cd.load({"counter": c, "w": torch.zeros(4)}, p)
+    assert c.n == 5 and _dcp_logger.level == level
+    assert ckptfmt.load(p)["counter"]["t"].tolist() == [5.0, 5.0, 5.0]
