@@ -40,23 +40,57 @@ def read_range(loc: Location, idx: Index, ext: Extent, start: int, stop: int, *,
     A compressed extent reads the stored bytes of just the chunks the range overlaps, checks each
     chunk's checksum, then decodes them (§6).
     """
+    out = np.empty(max(stop - start, 0), np.uint8)
+    read_range_into(loc, idx, ext, start, stop, out, key=key)
+    return out
+
+
+def read_range_into(loc: Location, idx: Index, ext: Extent, start: int, stop: int, out: np.ndarray, *,
+                    key: str = "") -> None:
+    """:func:`read_range` into ``out`` (uint8, ``stop - start`` bytes, e.g. the target tensor's own memory).
+
+    Whole blocks inside the range are read straight into ``out`` and checked there; only the partial
+    blocks at its two ends go through a scratch buffer of one block each.
+    """
     if not 0 <= start <= stop <= ext.length:
         raise ValueError(f"range [{start}, {stop}) outside an extent of {ext.length} bytes")
+    if len(out) != stop - start:
+        raise ValueError(f"{len(out)}-byte buffer for a range of {stop - start} bytes")
     if stop == start:
-        return np.empty(0, np.uint8)
+        return
     if ext.coding is not None:
-        return _read_coded(loc, idx, ext, ext.coding, start, stop, key)
-    bs = idx.block_size
-    b0, b1 = start // bs, (stop + bs - 1) // bs
-    lo, hi = b0 * bs, min(b1 * bs, ext.length)
-    buf = _read(loc, idx, ext, lo, hi - lo)
-    _verify(loc, idx, ext, buf, b0, b1, [min(i * bs, ext.length) - lo for i in range(b0, b1 + 1)], key, "block")
-    return buf[start - lo:stop - lo]
+        _read_coded(loc, idx, ext, ext.coding, start, stop, out, key)
+        return
+    bs, n = idx.block_size, ext.length
+    inner_lo = -(-start // bs) * bs
+    inner_hi = n if stop == n else stop // bs * bs
+    if inner_lo >= inner_hi:  # within at most two blocks: through one scratch buffer
+        b0, b1 = start // bs, -(-stop // bs)
+        lo, hi = b0 * bs, min(b1 * bs, n)
+        buf = _read(loc, idx, ext, lo, hi - lo)
+        _verify(loc, idx, ext, buf, b0, b1, [min(i * bs, n) - lo for i in range(b0, b1 + 1)], key, "block")
+        out[:] = buf[start - lo:stop - lo]
+        return
+    if start < inner_lo:  # head: the block holding ``start``
+        b = start // bs
+        buf = _read(loc, idx, ext, b * bs, bs)
+        _verify(loc, idx, ext, buf, b, b + 1, [0, bs], key, "block")
+        out[:inner_lo - start] = buf[start - b * bs:]
+    mid = out[inner_lo - start:inner_hi - start]
+    _read(loc, idx, ext, inner_lo, inner_hi - inner_lo, mid)
+    b0, b1 = inner_lo // bs, -(-inner_hi // bs)
+    _verify(loc, idx, ext, mid, b0, b1, [min(i * bs, inner_hi) - inner_lo for i in range(b0, b1 + 1)], key, "block")
+    if inner_hi < stop:  # tail: the block holding ``stop - 1``
+        e = min(inner_hi + bs, n)
+        buf = _read(loc, idx, ext, inner_hi, e - inner_hi)
+        _verify(loc, idx, ext, buf, inner_hi // bs, inner_hi // bs + 1, [0, e - inner_hi], key, "block")
+        out[inner_hi - start:] = buf[:stop - inner_hi]
 
 
-def _read(loc: Location, idx: Index, ext: Extent, at: int, n: int) -> np.ndarray:
-    """``n`` stored bytes of ``ext`` from ``at`` (relative to its offset)."""
-    buf = np.empty(n, np.uint8)
+def _read(loc: Location, idx: Index, ext: Extent, at: int, n: int, buf: np.ndarray | None = None) -> np.ndarray:
+    """``n`` stored bytes of ``ext`` from ``at`` (relative to its offset), into ``buf`` or a new array."""
+    if buf is None:
+        buf = np.empty(n, np.uint8)
     name = idx.files[ext.file].name
     try:
         loc.read_into(name, ext.offset + at, buf.data)
@@ -70,16 +104,17 @@ def _verify(loc: Location, idx: Index, ext: Extent, buf: np.ndarray, b0: int, b1
     """Check units ``b0 .. b1 - 1`` of ``buf`` (unit ``i`` at ``buf[bounds[i - b0]:bounds[i - b0 + 1]]``)."""
     mv = buf.data
     want = np.frombuffer(ext.checksums, "<u8", b1 - b0, 8 * b0).tolist()
-    for i, w in enumerate(want):
-        s, e = bounds[i], bounds[i + 1]
-        if checksum(mv[s:e]) != w:
-            name = idx.files[ext.file].name
-            raise ChecksumMismatchError(loc.join(loc.root, name),
-                                        f"{unit} {b0 + i} of {key or 'an extent'} does not match its checksum",
-                                        region=f"{unit} {b0 + i}", key=key or None)
+    got = [checksum(mv[bounds[i]:bounds[i + 1]]) for i in range(len(want))]
+    if got != want:
+        i = next(i for i, (g, w) in enumerate(zip(got, want, strict=True)) if g != w)
+        name = idx.files[ext.file].name
+        raise ChecksumMismatchError(loc.join(loc.root, name),
+                                    f"{unit} {b0 + i} of {key or 'an extent'} does not match its checksum",
+                                    region=f"{unit} {b0 + i}", key=key or None)
 
 
-def _read_coded(loc: Location, idx: Index, ext: Extent, c: Coding, start: int, stop: int, key: str) -> np.ndarray:
+def _read_coded(loc: Location, idx: Index, ext: Extent, c: Coding, start: int, stop: int, out: np.ndarray,
+                key: str) -> None:
     """Decoded bytes ``[start, stop)`` of a compressed extent: only the chunks they overlap are read."""
     cb, k = c.chunk_bytes, c.planes
     first, last = start // cb, (stop - 1) // cb
@@ -96,13 +131,11 @@ def _read_coded(loc: Location, idx: Index, ext: Extent, c: Coding, start: int, s
     def read(at: int, n: int) -> np.ndarray:  # ``at``: from the extent's first stored byte; all read above
         return buf[at - base : at - base + n]
 
-    out = np.empty(stop - start, np.uint8)
     where = f"{loc.join(loc.root, name)}: {key or 'an extent'}"
     try:
         decode_into(row, read, out, lambda: where, start=start, stop=stop)
     except ChecksumMismatchError as e:
         raise ChecksumMismatchError(loc.join(loc.root, name), str(e), region="chunk", key=key or None) from None
-    return out
 
 
 def covered_exactly_once(rec: TensorRecord) -> str | None:

@@ -62,7 +62,7 @@ from ._index import (
 from ._planner import LoadPlanner as MsgpackLoadPlanner
 from ._planner import SavePlanner as MsgpackSavePlanner
 from ._planner import set_value
-from ._read import check_files, open_index, read_range
+from ._read import check_files, open_index, read_range, read_range_into
 from ._store import Location
 from ._values import decode_value, encode_value
 
@@ -499,13 +499,20 @@ class Reader(StorageReader):
                 raise CheckpointError(f"{loc.url}: {fqn}: read of {list(lengths)} at {list(so)} outside its chunk")
             first = sum(o * s for o, s in zip(so, st, strict=False))
             last = sum((o + n - 1) * s for o, n, s in zip(so, lengths, st, strict=False)) + 1
-            isz = torch.empty((), dtype=sdt).element_size()
-            buf = read_range(loc, idx, chunk.extent, first * isz, last * isz, key=fqn)
-            self.bytes_needed += math.prod(lengths) * isz
-            src = torch.frombuffer(buf, dtype=sdt).as_strided(lengths, st)
+            isz = sdt.itemsize
             if tuple(target.shape) != lengths:
                 raise CheckpointError(f"{loc.url}: {fqn}: target of shape {list(target.shape)} for {list(lengths)}")
-            target.copy_(src)  # converts to the target's dtype (and device): never a reinterpretation of bytes
+            self.bytes_needed += math.prod(lengths) * isz
+            if last - first == math.prod(lengths) and target.dtype == sdt and target.device.type == "cpu" \
+                    and target.is_contiguous():
+                # one contiguous run of the saved dtype into a contiguous CPU target: read (and verify,
+                # and decode) straight into the target's memory, no staging buffer, no copy
+                read_range_into(loc, idx, chunk.extent, first * isz, last * isz,
+                                target.reshape(-1).view(torch.uint8).numpy(), key=fqn)
+            else:
+                buf = read_range(loc, idx, chunk.extent, first * isz, last * isz, key=fqn)
+                src = torch.frombuffer(buf, dtype=sdt).as_strided(lengths, st)
+                target.copy_(src)  # converts to the target's dtype (and device): never a reinterpretation of bytes
             planner.commit_tensor(item, target)
 
     @staticmethod
