@@ -147,7 +147,8 @@ def test_save_converts_stateful_and_restores_dcp_logger(tmp_path):
         def load_state_dict(self, sd: dict) -> None:
             self.n = sd["n"]
 
-    assert _api._inner_save() is not None  # this torch has the inner save with the expected parameters
+    assert _api._inner_save() is not None  # this torch has the inner save and load with the expected parameters
+    assert _api._inner("state_dict_loader", "_load_state_dict", frozenset({"state_dict", "planner"})) is not None
     level = _dcp_logger.level
     p = str(tmp_path / "s")
     cd.save({"counter": Counter(5), "w": torch.ones(4)}, p)
