@@ -100,7 +100,9 @@ def rank_main(rank: int, cfg: dict) -> None:
         state, res["logical"] = dcpbench._build_state(bcfg, mesh, world)
         res["local"] = sum(v.to_local().nbytes for v in state.values())
     if cfg["mode"] == "full":
-        peers = {"dcp": lambda p: dcp.save(state, checkpoint_id=p), "ckptfmt": lambda p: cd.save(state, p)}
+        opts = cd.SaveOptions(compression=cfg["compression"])
+        peers = {"dcp": lambda p: dcp.save(state, checkpoint_id=p),
+                 "ckptfmt": lambda p: cd.save(state, p, options=opts)}
         for i in range(cfg["warmup"] + cfg["runs"]):
             order = ["dcp", "ckptfmt"] if i % 2 == 0 else ["ckptfmt", "dcp"]
             for name in order:
@@ -146,7 +148,7 @@ def rank_main(rank: int, cfg: dict) -> None:
         res["stager_allocations"] = stager.allocations
     elif cfg["mode"] == "save_src":
         dcp.save(state, checkpoint_id=os.path.join(root, "dcp"))
-        cd.save(state, os.path.join(root, "ckptfmt"))
+        cd.save(state, os.path.join(root, "ckptfmt"), options=cd.SaveOptions(compression=cfg["compression"]))
     elif cfg["mode"] == "reshard":
         target = dcpbench._empty_target(bcfg, mesh)
         res["needed"] = sum(v.to_local().nbytes for v in target.values())
@@ -216,10 +218,13 @@ def main() -> None:
     ap.add_argument("--dir", default="/tmp/ckptfmt-bench-dcp")
     ap.add_argument("--tools", default=TOOLS, help="folder of dcpbench.py and peerbench.py")
     ap.add_argument("--json", help="write every figure here")
+    ap.add_argument("--compression", default=None, help="ckptfmt's compression level (fast, balanced, maximum); "
+                                                         "bytes read then count stored (compressed) bytes")
     args = ap.parse_args()
     if not os.path.exists(os.path.join(args.tools, "dcpbench.py")):
         sys.exit(f"needs dcpbench.py and peerbench.py in {args.tools} (--tools)")
-    base = {"scale": args.scale, "runs": args.runs, "warmup": args.warmup, "tools": os.path.abspath(args.tools)}
+    base = {"scale": args.scale, "runs": args.runs, "warmup": args.warmup, "tools": os.path.abspath(args.tools),
+            "compression": args.compression}
     load0 = os.getloadavg()
     t_all = time.perf_counter()
     lines = ["| case | DCP s | ckptfmt s | DCP/ckptfmt (min-max) | DCP gc s | ckptfmt gc s | notes |",
