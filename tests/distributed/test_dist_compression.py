@@ -8,6 +8,8 @@ import os
 import msgpack
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import ckptfmt
 from ckptfmt.distributed import _index as I
@@ -208,3 +210,30 @@ def test_reshard_two_to_three_compressed(tmp_path):
     cd.load(t, c)
     R.check(t, torch.float64)
     assert cd.verify(c).ok
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.integers(0, 1 << 20), min_size=1, max_size=64), st.integers(0, 2))
+def test_hostile_piece_sizes_raise_typed(saved, tmp_path_factory, sizes, which):
+    """Arbitrary piece sizes (their sum recorded as `stored`): a typed CheckpointError, never a crash or
+    an unbounded allocation; the bytes only load if they are the saved ones."""
+    import shutil
+
+    p = str(tmp_path_factory.mktemp("hp") / "c")
+    shutil.copytree(saved, p)
+
+    def mutate(m: dict) -> None:
+        c = _w(m)
+        n = len(c["pieces"]) // 8
+        a = np.frombuffer(c["pieces"], "<u8").copy()
+        for i, v in enumerate(sizes):
+            a[(i * 7 + which) % n] = v
+        c["pieces"] = a.tobytes()
+        c["stored"] = int(a.sum())
+
+    _rewrite(p, mutate)
+    try:
+        out = cd.consolidate(p)
+    except ckptfmt.CheckpointError:
+        return
+    assert np.array_equal(out["w"], _state()["w"].numpy())
