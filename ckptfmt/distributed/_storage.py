@@ -7,6 +7,7 @@ rank needs, each checked block by block (§6).
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import io
 import math
@@ -295,13 +296,23 @@ class Writer(StorageWriter):
                 placed[kind] = [coded.get(r, (x.offset, None, b"")) if not view else (x.offset, None, b"")
                                 for (r, view), x in zip(rows[kind], tree[kind], strict=True)]
 
-        loc.put_container(file, write)
+        bufs = [_bytes_of(tensors[i]) if kind == "chunks" else values[i].data for _, kind, i in order]
+        early: concurrent.futures.Future[list[bytes]] | None = None
+        if level == "none":  # every extent is raw: hash its blocks on a thread while the container is
+            # written and fsynced (the fsync releases the GIL; measured ~10% of a one-rank save)
+            pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ckptfmt-blocksums")
+            early = pool.submit(lambda: [_block_sums(b, self.block_size) for b in bufs])
+            pool.shutdown(wait=False)
+        try:
+            loc.put_container(file, write)
+        finally:
+            block_sums = early.result() if early is not None else None
         results = []
-        for item, kind, i in order:
-            buf = _bytes_of(tensors[i]) if kind == "chunks" else values[i].data
+        for n, (item, kind, i) in enumerate(order):
+            buf = bufs[n]
             off, coding, sums = placed[kind][i]
             if coding is None:
-                sums = _block_sums(buf, self.block_size)
+                sums = block_sums[n] if block_sums is not None else _block_sums(buf, self.block_size)
             results.append(WriteResult(index=item.index, size_in_bytes=len(buf),
                                        storage_data=_Stored(file, off, len(buf), sums, coding)))
         return results
