@@ -68,22 +68,21 @@ def read_range_into(loc: Location, idx: Index, ext: Extent, start: int, stop: in
         b0, b1 = start // bs, -(-stop // bs)
         lo, hi = b0 * bs, min(b1 * bs, n)
         buf = _read(loc, idx, ext, lo, hi - lo)
-        _verify(loc, idx, ext, buf, b0, b1, [min(i * bs, n) - lo for i in range(b0, b1 + 1)], key, "block")
+        _verify_blocks(loc, idx, ext, buf, b0, key)
         out[:] = buf[start - lo:stop - lo]
         return
     if start < inner_lo:  # head: the block holding ``start``
         b = start // bs
         buf = _read(loc, idx, ext, b * bs, bs)
-        _verify(loc, idx, ext, buf, b, b + 1, [0, bs], key, "block")
+        _verify_blocks(loc, idx, ext, buf, b, key)
         out[:inner_lo - start] = buf[start - b * bs:]
     mid = out[inner_lo - start:inner_hi - start]
     _read(loc, idx, ext, inner_lo, inner_hi - inner_lo, mid)
-    b0, b1 = inner_lo // bs, -(-inner_hi // bs)
-    _verify(loc, idx, ext, mid, b0, b1, [min(i * bs, inner_hi) - inner_lo for i in range(b0, b1 + 1)], key, "block")
+    _verify_blocks(loc, idx, ext, mid, inner_lo // bs, key)
     if inner_hi < stop:  # tail: the block holding ``stop - 1``
         e = min(inner_hi + bs, n)
         buf = _read(loc, idx, ext, inner_hi, e - inner_hi)
-        _verify(loc, idx, ext, buf, inner_hi // bs, inner_hi // bs + 1, [0, e - inner_hi], key, "block")
+        _verify_blocks(loc, idx, ext, buf, inner_hi // bs, key)
         out[inner_hi - start:] = buf[:stop - inner_hi]
 
 
@@ -99,6 +98,25 @@ def _read(loc: Location, idx: Index, ext: Extent, at: int, n: int, buf: np.ndarr
     return buf
 
 
+def _verify_blocks(loc: Location, idx: Index, ext: Extent, buf: np.ndarray, b0: int, key: str) -> None:
+    """Check the blocks of a raw extent that ``buf`` holds: it starts at block ``b0``, whole blocks
+    (the extent's last one may be short)."""
+    bs, mv = idx.block_size, buf.data
+    got = [checksum(mv[i:i + bs]) for i in range(0, len(mv), bs)]
+    want = np.frombuffer(ext.checksums, "<u8", len(got), 8 * b0).tolist()
+    if got != want:
+        _mismatch(loc, idx, ext, got, want, b0, key, "block")
+
+
+def _mismatch(loc: Location, idx: Index, ext: Extent, got: list[int], want: list[int], b0: int, key: str,
+              unit: str) -> None:
+    i = next(i for i, (g, w) in enumerate(zip(got, want, strict=True)) if g != w)
+    name = idx.files[ext.file].name
+    raise ChecksumMismatchError(loc.join(loc.root, name),
+                                f"{unit} {b0 + i} of {key or 'an extent'} does not match its checksum",
+                                region=f"{unit} {b0 + i}", key=key or None)
+
+
 def _verify(loc: Location, idx: Index, ext: Extent, buf: np.ndarray, b0: int, b1: int, bounds: list[int],
             key: str, unit: str) -> None:
     """Check units ``b0 .. b1 - 1`` of ``buf`` (unit ``i`` at ``buf[bounds[i - b0]:bounds[i - b0 + 1]]``)."""
@@ -106,11 +124,7 @@ def _verify(loc: Location, idx: Index, ext: Extent, buf: np.ndarray, b0: int, b1
     want = np.frombuffer(ext.checksums, "<u8", b1 - b0, 8 * b0).tolist()
     got = [checksum(mv[bounds[i]:bounds[i + 1]]) for i in range(len(want))]
     if got != want:
-        i = next(i for i, (g, w) in enumerate(zip(got, want, strict=True)) if g != w)
-        name = idx.files[ext.file].name
-        raise ChecksumMismatchError(loc.join(loc.root, name),
-                                    f"{unit} {b0 + i} of {key or 'an extent'} does not match its checksum",
-                                    region=f"{unit} {b0 + i}", key=key or None)
+        _mismatch(loc, idx, ext, got, want, b0, key, unit)
 
 
 def _read_coded(loc: Location, idx: Index, ext: Extent, c: Coding, start: int, stop: int, out: np.ndarray,
