@@ -8,8 +8,9 @@ barrier before every timed call and the two peers interleaved (the order alterna
   save     dcp.save(checkpoint_id=dir)  vs  ckptfmt.distributed.save(state, dir)          (fsync on, checksums on)
   load     dcp.load(checkpoint_id=dir)  vs  ckptfmt.distributed.load(target, dir)         (target pre-allocated)
   stall    dcp.async_save default stager vs ckptfmt.distributed.async_save (buffers reused)   time to return
-  reshard  S ranks save both, D ranks load both: time and bytes read (ckptfmt: counted in its Reader;
-           DCP: /proc/self/io rchar of the call) against the bytes the targets need
+  reshard  S ranks save both, D ranks load both (dcp.load vs ckptfmt.distributed.load): time and bytes
+           read (/proc/self/io rchar of the call for both; ckptfmt also: its Reader's count in one more
+           untimed dcp.load) against the bytes the targets need
   gc       seconds spent in the garbage collector during each DCP call (gc.callbacks); ckptfmt's
            convenience calls switch automatic collection off for their duration
 
@@ -99,7 +100,9 @@ def rank_main(rank: int, cfg: dict) -> None:
         state, res["logical"] = dcpbench._build_state(bcfg, mesh, world)
         res["local"] = sum(v.to_local().nbytes for v in state.values())
     if cfg["mode"] == "full":
-        peers = {"dcp": lambda p: dcp.save(state, checkpoint_id=p), "ckptfmt": lambda p: cd.save(state, p)}
+        opts = cd.SaveOptions(compression=cfg["compression"])
+        peers = {"dcp": lambda p: dcp.save(state, checkpoint_id=p),
+                 "ckptfmt": lambda p: cd.save(state, p, options=opts)}
         for i in range(cfg["warmup"] + cfg["runs"]):
             order = ["dcp", "ckptfmt"] if i % 2 == 0 else ["ckptfmt", "dcp"]
             for name in order:
@@ -145,24 +148,21 @@ def rank_main(rank: int, cfg: dict) -> None:
         res["stager_allocations"] = stager.allocations
     elif cfg["mode"] == "save_src":
         dcp.save(state, checkpoint_id=os.path.join(root, "dcp"))
-        cd.save(state, os.path.join(root, "ckptfmt"))
+        cd.save(state, os.path.join(root, "ckptfmt"), options=cd.SaveOptions(compression=cfg["compression"]))
     elif cfg["mode"] == "reshard":
         target = dcpbench._empty_target(bcfg, mesh)
         res["needed"] = sum(v.to_local().nbytes for v in target.values())
-        readers: list = []
-
-        def ours() -> None:
-            r = cd.Reader(os.path.join(root, "ckptfmt"))
-            readers.append(r)
-            dcp.load(target, storage_reader=r, planner=cd.LoadPlanner())
-
-        lpeers = {"dcp": lambda: dcp.load(target, checkpoint_id=os.path.join(root, "dcp")), "ckptfmt": ours}
+        lpeers = {"dcp": lambda: dcp.load(target, checkpoint_id=os.path.join(root, "dcp")),
+                  "ckptfmt": lambda: cd.load(target, os.path.join(root, "ckptfmt"))}
         for i in range(cfg["warmup"] + cfg["runs"]):
             for name in (["dcp", "ckptfmt"] if i % 2 == 0 else ["ckptfmt", "dcp"]):
                 m = timed(lpeers[name])
                 if i >= cfg["warmup"]:
                     rec(f"reshard_{name}", m)
-        res["ckptfmt_bytes_read"] = readers[-1].bytes_read
+        # the exact count of an untimed load through the Reader (rchar also counts the index read)
+        r = cd.Reader(os.path.join(root, "ckptfmt"))
+        dcp.load(target, storage_reader=r, planner=cd.LoadPlanner())
+        res["ckptfmt_bytes_read"] = r.bytes_read
         res["check_ok"] = dcpbench._check(target, bcfg)
     gathered = [None] * world
     dist.all_gather_object(gathered, res)
@@ -218,10 +218,13 @@ def main() -> None:
     ap.add_argument("--dir", default="/tmp/ckptfmt-bench-dcp")
     ap.add_argument("--tools", default=TOOLS, help="folder of dcpbench.py and peerbench.py")
     ap.add_argument("--json", help="write every figure here")
+    ap.add_argument("--compression", default=None, help="ckptfmt's compression level (fast, balanced, maximum); "
+                                                         "bytes read then count stored (compressed) bytes")
     args = ap.parse_args()
     if not os.path.exists(os.path.join(args.tools, "dcpbench.py")):
         sys.exit(f"needs dcpbench.py and peerbench.py in {args.tools} (--tools)")
-    base = {"scale": args.scale, "runs": args.runs, "warmup": args.warmup, "tools": os.path.abspath(args.tools)}
+    base = {"scale": args.scale, "runs": args.runs, "warmup": args.warmup, "tools": os.path.abspath(args.tools),
+            "compression": args.compression}
     load0 = os.getloadavg()
     t_all = time.perf_counter()
     lines = ["| case | DCP s | ckptfmt s | DCP/ckptfmt (min-max) | DCP gc s | ckptfmt gc s | notes |",
@@ -252,10 +255,11 @@ def main() -> None:
         needed = sum(r["needed"] for r in ranks)
         ours = sum(r["ckptfmt_bytes_read"] for r in ranks)
         dcp_read = statistics.median(_phase(ranks, "reshard_dcp")["rchar"])
+        ours_rchar = statistics.median(_phase(ranks, "reshard_ckptfmt")["rchar"])
         ok = "" if all(r["check_ok"] for r in ranks) else " **CHECK FAILED**"
         lines.append(_row(f"reshard {s}->{d}", ranks, "reshard",
-                          f" bytes read / needed: ckptfmt {ours / needed:.3f} (Reader count), "
-                          f"DCP {dcp_read / needed:.2f} (rchar){ok} |"))
+                          f" bytes read / needed: ckptfmt {ours / needed:.3f} (Reader count; "
+                          f"{ours_rchar / needed:.3f} rchar), DCP {dcp_read / needed:.2f} (rchar){ok} |"))
         print(f"# done reshard {s}->{d}", file=sys.stderr, flush=True)
     import torch
 

@@ -13,7 +13,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
+import numpy as np
 
+from .._codec import MAX_CHUNK_BYTES, MAX_RATIO, PLANES_ZSTD, ZSTD
 from .._dtypes import DTYPES
 from ..errors import InvalidMetadataError, MetadataLimitError
 
@@ -21,24 +23,58 @@ from ..errors import InvalidMetadataError, MetadataLimitError
 INDEX_NAME = "ckptfmt-index.msgpack"
 FORMAT_NAME = "ckptfmt.distributed"
 INDEX_VERSION = 1
-#: default bytes per checksummed block of an extent
-DEFAULT_BLOCK_SIZE = 1 << 14
+#: the version of an index with compressed extents (§3.1); a version-1 reader refuses it, as it must
+CODED_INDEX_VERSION = 2
+VERSIONS = (INDEX_VERSION, CODED_INDEX_VERSION)
+#: default bytes per checksummed block of an extent (4 KiB: a partial read over-reads < 4 KiB per end)
+DEFAULT_BLOCK_SIZE = 1 << 12
 MIN_BLOCK_SIZE, MAX_BLOCK_SIZE = 1 << 10, 1 << 30
 #: default cap on the index size a reader accepts
 MAX_INDEX_BYTES = 1 << 30
 MAX_DIMS = 64
 _FILE_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
 _U64 = (1 << 64) - 1
+#: the format 1.1 codecs an extent may name (FORMAT.md §13); ``raw`` is an extent without ``codec``
+CODECS = (ZSTD, PLANES_ZSTD)
+
+
+@dataclass(frozen=True)
+class Coding:
+    """How a compressed extent is stored (§3.1): format 1.1 chunks of ``chunk_bytes`` decoded bytes, in pieces.
+
+    ``planes`` pieces per chunk (the itemsize for ``planes-zstd``, else 1); ``pieces`` is each piece's
+    stored size as little-endian u64. ``stored`` bytes in the container in all.
+    """
+
+    codec: str
+    stored: int
+    chunk_bytes: int
+    pieces: bytes
+    planes: int
+
+    def piece_sizes(self) -> np.ndarray:
+        """Stored size of every piece, in order."""
+        return np.frombuffer(self.pieces, "<u8")
 
 
 @dataclass(frozen=True)
 class Extent:
-    """Bytes ``[offset, offset + length)`` of container file ``file``, with one xxh3 per block."""
+    """``length`` bytes of data in container file ``file`` at ``offset``, with one xxh3 per block.
+
+    Raw (``coding`` None): the bytes are ``[offset, offset + length)``, one checksum per ``block_size``
+    block. Compressed: ``coding.stored`` bytes at ``offset`` decode to ``length``, one checksum per chunk.
+    """
 
     file: int
     offset: int
     length: int
-    checksums: bytes  # little-endian u64 per block of block_size bytes (the last one may be short)
+    checksums: bytes  # little-endian u64 per block (raw) or per chunk's stored bytes (compressed)
+    coding: Coding | None = None
+
+    @property
+    def stored(self) -> int:
+        """Bytes the extent occupies in its container."""
+        return self.length if self.coding is None else self.coding.stored
 
 
 @dataclass(frozen=True)
@@ -92,14 +128,25 @@ def n_blocks(length: int, block_size: int) -> int:
 
 
 def _extent_map(e: Extent) -> dict[str, Any]:
-    return {"file": e.file, "offset": e.offset, "length": e.length, "checksums": e.checksums}
+    m: dict[str, Any] = {"file": e.file, "offset": e.offset, "length": e.length, "checksums": e.checksums}
+    if e.coding is not None:
+        c = e.coding
+        m.update(codec=c.codec, stored=c.stored, chunk_bytes=c.chunk_bytes, pieces=c.pieces)
+    return m
+
+
+def index_version(idx: Index) -> int:
+    """1, or 2 when any extent is compressed (§3.1): plain checkpoints stay readable by version-1 readers."""
+    coded = any(c.extent.coding is not None for t in idx.tensors.values() for c in t.chunks) or \
+        any(v.extent.coding is not None for v in idx.values.values())
+    return CODED_INDEX_VERSION if coded else INDEX_VERSION
 
 
 def encode_index(idx: Index) -> bytes:
     """The msgpack bytes of ``idx`` (map keys in the order of spec/DISTRIBUTED.md §3)."""
     return msgpack.packb({
         "format": FORMAT_NAME,
-        "version": INDEX_VERSION,
+        "version": index_version(idx),
         "name": idx.name,
         "created": idx.created,
         "producer": idx.producer,
@@ -148,20 +195,64 @@ class _Parser:
             out.append(d)
         return tuple(out)
 
-    def extent(self, m: dict[str, Any], where: str, files: tuple[FileRecord, ...], block: int) -> Extent:
+    def extent(self, m: dict[str, Any], where: str, files: tuple[FileRecord, ...], block: int, itemsize: int,
+               coded_ok: bool) -> Extent:
         if not files:
             raise self.fail(where, "refers to a file but the index lists none")
         f = self.uint(m, "file", where, len(files) - 1)
         off = self.uint(m, "offset", where)
         length = self.uint(m, "length", where)
-        if off + length > files[f].size:
-            raise self.fail(where, f"bytes [{off}, {off + length}) run past the end of {files[f].name} "
-                                   f"({files[f].size} bytes)")
         sums = self.get(m, "checksums", bytes, where)
-        if len(sums) != 8 * n_blocks(length, block):
-            raise self.fail(f"{where}.checksums", f"{len(sums)} bytes, expected {8 * n_blocks(length, block)} "
-                                                  f"(8 per block of {block})")
-        return Extent(f, off, length, sums)
+        coding = self.coding(m, where, length, itemsize, coded_ok)
+        stored = length if coding is None else coding.stored
+        if off + stored > files[f].size:
+            raise self.fail(where, f"bytes [{off}, {off + stored}) run past the end of {files[f].name} "
+                                   f"({files[f].size} bytes)")
+        if coding is None:
+            want, per = n_blocks(length, block), f"block of {block}"
+        else:
+            want, per = n_blocks(length, coding.chunk_bytes), f"chunk of {coding.chunk_bytes} decoded bytes"
+        if len(sums) != 8 * want:
+            raise self.fail(f"{where}.checksums", f"{len(sums)} bytes, expected {8 * want} (8 per {per})")
+        return Extent(f, off, length, sums, coding)
+
+    def coding(self, m: dict[str, Any], where: str, length: int, itemsize: int, coded_ok: bool) -> Coding | None:
+        """The compressed-extent fields (§3.1), checked against each other and the decoded ``length``."""
+        fields = ("codec", "stored", "chunk_bytes", "pieces")
+        if not any(k in m for k in fields):
+            return None
+        if not coded_ok:
+            raise self.fail(f"{where}.codec", f"compressed extent in a version {INDEX_VERSION} index")
+        codec = self.get(m, "codec", str, where)
+        if codec not in CODECS:
+            raise self.fail(f"{where}.codec", f"unknown codec {codec!r} (known: {', '.join(CODECS)})")
+        stored = self.uint(m, "stored", where)
+        cb = self.uint(m, "chunk_bytes", where, MAX_CHUNK_BYTES)
+        k = itemsize if codec == PLANES_ZSTD else 1
+        if cb < 64 or cb % 64 or cb % k:
+            raise self.fail(f"{where}.chunk_bytes", f"{cb} is not a multiple of 64 and of {k} in [64, "
+                                                    f"{MAX_CHUNK_BYTES}]")
+        if length % k:
+            raise self.fail(f"{where}.length", f"{length} bytes do not split into {k} planes")
+        pieces = self.get(m, "pieces", bytes, where)
+        n = n_blocks(length, cb)
+        if len(pieces) != 8 * k * n:
+            raise self.fail(f"{where}.pieces", f"{len(pieces)} bytes, expected {8 * k * n} (8 per piece, {k} "
+                                               f"pieces per chunk, {n} chunks)")
+        sizes = np.frombuffer(pieces, "<u8")
+        if int(sizes.sum(dtype=np.uint64)) != stored or (n and int(sizes.max()) > stored):
+            raise self.fail(f"{where}.pieces", f"piece sizes do not add up to stored={stored}")
+        if n:
+            # each piece decodes to its plane's share of its chunk: never more than that (a raw piece
+            # is exactly that), never less than 1/MAX_RATIO of it (FORMAT.md §13.4)
+            plane = np.full(n, cb // k, np.uint64)
+            plane[-1] = (length - (n - 1) * cb) // k
+            want = np.repeat(plane, k)
+            if (sizes > want).any() or (sizes == 0).any() or (want > sizes * np.uint64(MAX_RATIO)).any():
+                j = int(np.flatnonzero((sizes > want) | (sizes == 0) | (want > sizes * np.uint64(MAX_RATIO)))[0])
+                raise self.fail(f"{where}.pieces[{j}]", f"{int(sizes[j])} stored bytes for a plane of "
+                                                         f"{int(want[j])} decoded bytes")
+        return Coding(codec, stored, cb, pieces, k)
 
 
 def parse_index(data: bytes, *, path: str | None = None, max_bytes: int = MAX_INDEX_BYTES) -> Index:
@@ -178,10 +269,12 @@ def parse_index(data: bytes, *, path: str | None = None, max_bytes: int = MAX_IN
     if m.get("format") != FORMAT_NAME:
         raise p.fail("format", f"expected {FORMAT_NAME!r}, got {m.get('format')!r}")
     version = p.uint(m, "version", "root")
-    if version != INDEX_VERSION:
+    if version not in VERSIONS:
         from ..errors import UnsupportedVersionError
 
-        raise UnsupportedVersionError(path, f"distributed index version {version}; this reader knows {INDEX_VERSION}")
+        raise UnsupportedVersionError(path, f"distributed index version {version}; this reader knows "
+                                            f"{', '.join(map(str, VERSIONS))}")
+    coded_ok = version >= CODED_INDEX_VERSION
     block = p.uint(m, "block_size", "root", MAX_BLOCK_SIZE)
     if block < MIN_BLOCK_SIZE or block & (block - 1):
         raise p.fail("block_size", f"{block} is not a power of two in [{MIN_BLOCK_SIZE}, {MAX_BLOCK_SIZE}]")
@@ -224,7 +317,7 @@ def parse_index(data: bytes, *, path: str | None = None, max_bytes: int = MAX_IN
                 raise p.fail(cw, f"offsets {list(offs)} / sizes {list(sizes)} do not match shape {list(shape)}")
             if any(o + s > d for o, s, d in zip(offs, sizes, shape, strict=False)):
                 raise p.fail(cw, f"box at {list(offs)} of {list(sizes)} exceeds shape {list(shape)}")
-            ext = p.extent(c, cw, ft, block)
+            ext = p.extent(c, cw, ft, block, item, coded_ok)
             if ext.length != math.prod(sizes) * item:
                 raise p.fail(f"{cw}.length", f"{ext.length} bytes for {list(sizes)} of {dtype}")
             chunks.append(Chunk(offs, sizes, ext))
@@ -237,7 +330,7 @@ def parse_index(data: bytes, *, path: str | None = None, max_bytes: int = MAX_IN
         key = p.get(v, "key", str, w)
         if key in values or key in tensors:
             raise p.fail(f"{w}.key", f"{key!r} listed twice")
-        values[key] = ValueRecord(key, p.extent(v, w, ft, block))
+        values[key] = ValueRecord(key, p.extent(v, w, ft, block, 1, coded_ok))
     planner: dict[str, tuple[str | int, ...]] = {}
     for k, path_ in p.get(m, "planner_data", dict, "root").items():
         if type(path_) is not list or not all(type(e) in (str, int) for e in path_) or len(path_) > MAX_DIMS:

@@ -7,15 +7,15 @@ checks each block's xxh3 and hands back just the bytes asked for.
 from __future__ import annotations
 
 import os
-import struct
 from typing import Any
 
 import numpy as np
 
 from .._checksum import checksum
+from .._codec import StoredRow, decode_into
 from .._dtypes import DTYPES, numpy_dtype
 from ..errors import ChecksumMismatchError, CorruptCheckpointError, TruncatedCheckpointError
-from ._index import INDEX_NAME, MAX_INDEX_BYTES, Extent, Index, TensorRecord, parse_index
+from ._index import INDEX_NAME, MAX_INDEX_BYTES, Coding, Extent, Index, TensorRecord, parse_index
 from ._store import Location
 
 
@@ -35,31 +35,121 @@ def check_files(loc: Location, idx: Index) -> None:
 
 
 def read_range(loc: Location, idx: Index, ext: Extent, start: int, stop: int, *, key: str = "") -> np.ndarray:
-    """Bytes ``[start, stop)`` of ``ext`` as a uint8 array, after checking every block they touch."""
+    """Bytes ``[start, stop)`` of ``ext``'s data as a uint8 array, after checking every block they touch.
+
+    A compressed extent reads the stored bytes of just the chunks the range overlaps, checks each
+    chunk's checksum, then decodes them (§6).
+    """
+    out = np.empty(max(stop - start, 0), np.uint8)
+    read_range_into(loc, idx, ext, start, stop, out, key=key)
+    return out
+
+
+def read_range_into(loc: Location, idx: Index, ext: Extent, start: int, stop: int, out: np.ndarray, *,
+                    key: str = "") -> None:
+    """:func:`read_range` into ``out`` (uint8, ``stop - start`` bytes, e.g. the target tensor's own memory).
+
+    Whole blocks inside the range are read straight into ``out`` and checked there; only the partial
+    blocks at its two ends go through a scratch buffer of one block each.
+    """
     if not 0 <= start <= stop <= ext.length:
         raise ValueError(f"range [{start}, {stop}) outside an extent of {ext.length} bytes")
+    if len(out) != stop - start:
+        raise ValueError(f"{len(out)}-byte buffer for a range of {stop - start} bytes")
     if stop == start:
-        return np.empty(0, np.uint8)
-    bs = idx.block_size
-    b0, b1 = start // bs, (stop + bs - 1) // bs
-    lo, hi = b0 * bs, min(b1 * bs, ext.length)
-    buf = np.empty(hi - lo, np.uint8)
+        return
+    if ext.coding is not None:
+        _read_coded(loc, idx, ext, ext.coding, start, stop, out, key)
+        return
+    bs, n = idx.block_size, ext.length
+    inner_lo = -(-start // bs) * bs
+    inner_hi = n if stop == n else stop // bs * bs
+    if inner_lo >= inner_hi:  # within at most two blocks: through one scratch buffer
+        b0, b1 = start // bs, -(-stop // bs)
+        lo, hi = b0 * bs, min(b1 * bs, n)
+        buf = _read(loc, idx, ext, lo, hi - lo)
+        _verify_blocks(loc, idx, ext, buf, b0, key)
+        out[:] = buf[start - lo:stop - lo]
+        return
+    if start < inner_lo:  # head: the block holding ``start``
+        b = start // bs
+        buf = _read(loc, idx, ext, b * bs, bs)
+        _verify_blocks(loc, idx, ext, buf, b, key)
+        out[:inner_lo - start] = buf[start - b * bs:]
+    mid = out[inner_lo - start:inner_hi - start]
+    _read(loc, idx, ext, inner_lo, inner_hi - inner_lo, mid)
+    _verify_blocks(loc, idx, ext, mid, inner_lo // bs, key)
+    if inner_hi < stop:  # tail: the block holding ``stop - 1``
+        e = min(inner_hi + bs, n)
+        buf = _read(loc, idx, ext, inner_hi, e - inner_hi)
+        _verify_blocks(loc, idx, ext, buf, inner_hi // bs, key)
+        out[inner_hi - start:] = buf[:stop - inner_hi]
+
+
+def _read(loc: Location, idx: Index, ext: Extent, at: int, n: int, buf: np.ndarray | None = None) -> np.ndarray:
+    """``n`` stored bytes of ``ext`` from ``at`` (relative to its offset), into ``buf`` or a new array."""
+    if buf is None:
+        buf = np.empty(n, np.uint8)
     name = idx.files[ext.file].name
     try:
-        loc.read_into(name, ext.offset + lo, buf.data)
+        loc.read_into(name, ext.offset + at, buf.data)
     except EOFError as err:
         raise TruncatedCheckpointError(loc.join(loc.root, name), str(err)) from None
+    return buf
+
+
+def _verify_blocks(loc: Location, idx: Index, ext: Extent, buf: np.ndarray, b0: int, key: str) -> None:
+    """Check the blocks of a raw extent that ``buf`` holds: it starts at block ``b0``, whole blocks
+    (the extent's last one may be short)."""
+    bs, mv = idx.block_size, buf.data
+    got = [checksum(mv[i:i + bs]) for i in range(0, len(mv), bs)]
+    want = np.frombuffer(ext.checksums, "<u8", len(got), 8 * b0).tolist()
+    if got != want:
+        _mismatch(loc, idx, ext, got, want, b0, key, "block")
+
+
+def _mismatch(loc: Location, idx: Index, ext: Extent, got: list[int], want: list[int], b0: int, key: str,
+              unit: str) -> None:
+    i = next(i for i, (g, w) in enumerate(zip(got, want, strict=True)) if g != w)
+    name = idx.files[ext.file].name
+    raise ChecksumMismatchError(loc.join(loc.root, name),
+                                f"{unit} {b0 + i} of {key or 'an extent'} does not match its checksum",
+                                region=f"{unit} {b0 + i}", key=key or None)
+
+
+def _verify(loc: Location, idx: Index, ext: Extent, buf: np.ndarray, b0: int, b1: int, bounds: list[int],
+            key: str, unit: str) -> None:
+    """Check units ``b0 .. b1 - 1`` of ``buf`` (unit ``i`` at ``buf[bounds[i - b0]:bounds[i - b0 + 1]]``)."""
     mv = buf.data
-    for i in range(b0, b1):
-        s = i * bs - lo
-        e = min(s + bs, hi - lo)
-        (want,) = struct.unpack_from("<Q", ext.checksums, 8 * i)
-        if checksum(mv[s:e]) != want:
-            raise ChecksumMismatchError(loc.join(loc.root, name),
-                                        f"block {i} of {key or 'an extent'} (bytes {ext.offset + i * bs}.."
-                                        f"{ext.offset + i * bs + e - s}) does not match its checksum",
-                                        region=f"block {i}", key=key or None)
-    return buf[start - lo:stop - lo]
+    want = np.frombuffer(ext.checksums, "<u8", b1 - b0, 8 * b0).tolist()
+    got = [checksum(mv[bounds[i]:bounds[i + 1]]) for i in range(len(want))]
+    if got != want:
+        _mismatch(loc, idx, ext, got, want, b0, key, unit)
+
+
+def _read_coded(loc: Location, idx: Index, ext: Extent, c: Coding, start: int, stop: int, out: np.ndarray,
+                key: str) -> None:
+    """Decoded bytes ``[start, stop)`` of a compressed extent: only the chunks they overlap are read."""
+    cb, k = c.chunk_bytes, c.planes
+    first, last = start // cb, (stop - 1) // cb
+    sizes = c.piece_sizes()
+    # stored offset of each chunk from `first` to `last + 1`: prefix sums of just the pieces before them
+    base = int(sizes[: first * k].sum(dtype=np.uint64))
+    ends = np.cumsum(sizes[first * k : (last + 1) * k].reshape(-1, k).sum(axis=1, dtype=np.uint64), dtype=np.uint64)
+    bounds = [0, *ends.tolist()]
+    buf = _read(loc, idx, ext, base, bounds[-1])
+    _verify(loc, idx, ext, buf, first, last + 1, bounds, key, "chunk")
+    row = StoredRow(c.codec, k, ext.length, 0, tuple(sizes.tolist()), cb)
+    name = idx.files[ext.file].name
+
+    def read(at: int, n: int) -> np.ndarray:  # ``at``: from the extent's first stored byte; all read above
+        return buf[at - base : at - base + n]
+
+    where = f"{loc.join(loc.root, name)}: {key or 'an extent'}"
+    try:
+        decode_into(row, read, out, lambda: where, start=start, stop=stop)
+    except ChecksumMismatchError as e:
+        raise ChecksumMismatchError(loc.join(loc.root, name), str(e), region="chunk", key=key or None) from None
 
 
 def covered_exactly_once(rec: TensorRecord) -> str | None:
@@ -97,7 +187,7 @@ def read_tensor(loc: Location, idx: Index, rec: TensorRecord) -> np.ndarray:
     dt = numpy_dtype(DTYPES[rec.dtype])  # little-endian, as stored
     out = np.empty(rec.shape, dt)
     for c in rec.chunks:
-        raw = read_range(loc, idx, c.extent, 0, c.extent.length, key=rec.key)
+        raw = read_range(loc, idx, c.extent, 0, c.extent.length, key=rec.key)  # length: decoded bytes
         box = tuple(slice(o, o + s) for o, s in zip(c.offsets, c.sizes, strict=False))
         out[box] = raw.view(dt).reshape(c.sizes)
     return out

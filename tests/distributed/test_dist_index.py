@@ -106,7 +106,7 @@ def test_index_size_is_capped(saved):
 
 
 def test_newer_index_version_is_refused(saved):
-    _rewrite(saved, lambda m: m.update(version=2))
+    _rewrite(saved, lambda m: m.update(version=3))
     with pytest.raises(ckptfmt.UnsupportedVersionError):
         cd.consolidate(saved)
 
@@ -173,3 +173,30 @@ def test_block_checksums_layout(saved):
     for i in range(0, ext.length, idx.block_size):
         assert struct.unpack_from("<Q", ext.checksums, 8 * (i // idx.block_size))[0] == checksum(
             data[i:i + idx.block_size])
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 160000), st.integers(0, 160000))
+def test_read_range_into_any_range(tmp_path_factory, a, b):
+    """Any byte range: the saved bytes, read straight into the caller's buffer, over-reading < 1 block per end."""
+    import numpy as np
+
+    from ckptfmt.distributed._read import read_range, read_range_into
+    from ckptfmt.distributed._store import Location
+
+    p = str(tmp_path_factory.getbasetemp() / "rr")
+    if not os.path.exists(p):
+        cd.save({"w": torch.arange(40000, dtype=torch.float32)}, p, options=cd.SaveOptions(block_size=4096))
+    start, stop = min(a, b), max(a, b)
+    want = torch.arange(40000, dtype=torch.float32).numpy().view(np.uint8)[start:stop]
+    loc = Location(p)
+    idx = _idx(p)
+    ext = idx.tensors["w"].chunks[0].extent
+    out = np.full(stop - start, 0xAA, np.uint8)
+    read_range_into(loc, idx, ext, start, stop, out, key="w")
+    assert np.array_equal(out, want)
+    assert loc.bytes_read < (stop - start) + 2 * 4096 or stop == start
+    assert np.array_equal(read_range(loc, idx, ext, start, stop), want)
+    with pytest.raises(ValueError):
+        read_range_into(loc, idx, ext, start, stop, np.empty(stop - start + 1, np.uint8))
+    loc.close()

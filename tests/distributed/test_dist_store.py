@@ -10,6 +10,7 @@ import pytest
 from ckptfmt.distributed._store import is_transient, retry
 
 torch = pytest.importorskip("torch")
+import ckptfmt  # noqa: E402
 import ckptfmt.distributed as cd  # noqa: E402
 
 
@@ -85,11 +86,21 @@ def test_options_select_and_rng(tmp_path):
     assert torch.equal(model2.weight, model.weight)
 
 
-def test_compression_option_is_refused_while_pending(tmp_path):
-    import ckptfmt
+def test_compressed_writer_under_plain_dcp(tmp_path):
+    """dcp.save with Writer(compression=...) and DCP's default planner; dcp.load with Reader."""
+    import warnings
 
-    with pytest.raises(ckptfmt.UnsupportedObjectError, match="pending"):
-        cd.save({"w": torch.ones(2)}, tmp_path / "z", options=cd.SaveOptions(compression=3))
+    import torch.distributed.checkpoint as dcp
+
+    p = str(tmp_path / "z")
+    w = torch.linspace(0, 1, 300_000).reshape(600, 500)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save({"w": w, "n": 5}, storage_writer=cd.Writer(p, compression="balanced"), no_dist=True)
+        t = {"w": torch.zeros(600, 500), "n": 0}
+        dcp.load(t, storage_reader=cd.Reader(p), no_dist=True)
+    assert torch.equal(t["w"], w) and t["n"] == 5
+    assert os.path.getsize(os.path.join(p, "rank00000.ckpt")) < w.nbytes // 2
 
 
 def test_plain_dcp_default_planners_no_pickle_and_plan_caching(tmp_path, monkeypatch):
@@ -117,3 +128,32 @@ def test_plain_dcp_default_planners_no_pickle_and_plan_caching(tmp_path, monkeyp
             t = {"w": torch.zeros(6), "cfg": {"betas": None}, "n": 0}
             dcp.load(t, storage_reader=cd.Reader(tmp_path / name))  # DCP's DefaultLoadPlanner
             assert t["n"] == n and t["cfg"]["betas"] == (0.9, 0.99) and torch.equal(t["w"], torch.arange(6.0))
+
+
+def test_save_converts_stateful_and_restores_dcp_logger(tmp_path):
+    """The convenience save calls state_dict() of Stateful values itself (DCP's inner save, no per-key
+    log wrapper) and leaves DCP's logger at the level it found."""
+    from torch.distributed.checkpoint.logger import _dcp_logger
+
+    from ckptfmt.distributed import _api
+
+    class Counter:
+        def __init__(self, n: int) -> None:
+            self.n = n
+
+        def state_dict(self) -> dict:
+            return {"n": self.n, "t": torch.full((3,), float(self.n))}
+
+        def load_state_dict(self, sd: dict) -> None:
+            self.n = sd["n"]
+
+    assert _api._inner_save() is not None  # this torch has the inner save and load with the expected parameters
+    assert _api._inner("state_dict_loader", "_load_state_dict", frozenset({"state_dict", "planner"})) is not None
+    level = _dcp_logger.level
+    p = str(tmp_path / "s")
+    cd.save({"counter": Counter(5), "w": torch.ones(4)}, p)
+    assert _dcp_logger.level == level
+    c = Counter(0)
+    cd.load({"counter": c, "w": torch.zeros(4)}, p)
+    assert c.n == 5 and _dcp_logger.level == level
+    assert ckptfmt.load(p)["counter"]["t"].tolist() == [5.0, 5.0, 5.0]
