@@ -21,6 +21,7 @@ from ._tables import EXT_SCALAR, EXT_VIEW, ViewEntry, ViewTable
 from .errors import UnsupportedDTypeError, UnsupportedObjectError
 
 _UINT8 = DTYPES["uint8"]
+_BOOL = DTYPES["bool"]
 _BIG = sys.byteorder == "big"
 
 
@@ -71,7 +72,7 @@ def plan(obj: Any) -> Plan:
                     shared.append(row)
                 seen[id(leaf)] = (leaf, row)  # holding the leaf keeps its id from being reused during this save
                 objs.append(leaf)
-                sources.append(leaf)
+                sources.append(canonical_bool(leaf) if dtype is _BOOL else leaf)
                 dtypes.append(dtype)
                 return row
         be = backend_for(leaf)
@@ -91,7 +92,7 @@ def plan(obj: Any) -> Plan:
         backends[row] = be
         seen[id(leaf)] = (leaf, enc)
         objs.append(leaf)
-        sources.append(source)
+        sources.append(canonical_bool(source) if dtype is _BOOL else source)
         dtypes.append(dtype)
         return enc
 
@@ -110,6 +111,31 @@ def plan(obj: Any) -> Plan:
     final = {id(leaf.obj): enc for leaf, enc in zip(leaves, encodings, strict=True)}
     tree = TreeEncoder(lambda leaf: final.get(id(leaf))).encode(obj)
     return Plan(tree, rows, ViewTable.build(views), encoder.containers)
+
+
+def canonical_bool(src: Source) -> Source:
+    """A bool array's bytes as the format stores them: 0 or 1 (§6), whatever other nonzero bytes it holds.
+
+    numpy and torch keep any byte a buffer gave them (``np.frombuffer(b"\\x02", bool)``) and read it as
+    true; written as is, such a file would fail its own ``verify``. The array is copied only when it
+    holds such a byte.
+    """
+    if isinstance(src, np.ndarray):
+        raw = src.view(np.uint8)
+        return np.minimum(raw, 1).view(np.bool_) if raw.size and int(raw.max()) > 1 else src
+    return _CanonicalBoolSource(src)
+
+
+class _CanonicalBoolSource:
+    """A device source of bools whose chunks come out as 0 or 1 bytes."""
+
+    def __init__(self, src: Source) -> None:
+        self._src = src
+        self.shape, self.ndim, self.itemsize, self.nbytes = src.shape, src.ndim, src.itemsize, src.nbytes
+
+    def chunks(self, limit: int) -> Any:
+        for chunk in self._src.chunks(limit):  # type: ignore[union-attr]  # not an ndarray: a DeviceSource
+            yield np.minimum(chunk, 1)
 
 
 def _backend(leaf: Leaf) -> ArrayBackend:

@@ -100,3 +100,19 @@ def test_short_writev_is_completed(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert calls and max(calls) > 1
     back = ckptfmt.load(tmp_path / "x.ckpt")
     assert all(np.array_equal(back[k], v) for k, v in state.items())
+
+
+def test_bool_bytes_other_than_0_and_1_are_stored_as_1(tmp_path: Path) -> None:
+    """numpy keeps any byte a buffer gave a bool array; the file stores 0 or 1 (§6) and still verifies."""
+    odd = np.frombuffer(b"\x00\x02\x01\xff" * 3, dtype=np.bool_)
+    strided = np.frombuffer(b"\x00\x07" * 4, dtype=np.bool_)[::2]  # all 0: kept as is, no copy needed
+    mixed = np.frombuffer(b"\x05\x00" * 4, dtype=np.bool_)[::2]
+    for checksum in (True, False):
+        p = tmp_path / f"b{checksum}.ckpt"
+        ckptfmt.save(p, {"odd": odd, "strided": strided, "mixed": mixed, "many": [odd] * 40}, checksum=checksum)
+        assert ckptfmt.verify(p).ok
+        got = ckptfmt.load(p)
+        assert got["odd"].view(np.uint8).tolist() == [0, 1, 1, 1] * 3
+        assert got["strided"].tolist() == [False] * 4
+        assert got["mixed"].view(np.uint8).tolist() == [1] * 4
+    assert odd.view(np.uint8).tolist() == [0, 2, 1, 255] * 3  # the caller's array is not changed
