@@ -95,3 +95,13 @@ def test_convert_reports_through_the_writer(tmp_path: Path) -> None:
     assert _totals(seen)[-1] == report.bytes == big.nbytes + 6 and len(seen) >= 4
     got = ckptfmt.load(tmp_path / "a.ckpt")
     assert np.array_equal(got["big"], big)
+
+
+def test_torch_save_passes_progress_on(tmp_path: Path) -> None:
+    torch = pytest.importorskip("torch")
+    import ckptfmt.torch
+
+    state = {"w": torch.ones(1000, 300), "b": torch.zeros(7)}
+    seen: list[int] = []
+    ckptfmt.torch.save(tmp_path / "t.ckpt", state, progress=seen.append)
+    assert seen and sum(seen) == 1000 * 300 * 4 + 7 * 4

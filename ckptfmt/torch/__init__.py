@@ -14,7 +14,7 @@ Loads to CUDA read blobs in chunks into pinned buffers and copy them to the GPU 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from .. import _api
@@ -53,14 +53,16 @@ __all__ = [
 
 def save(path: Any, obj: Any, *, metadata: dict[str, Any] | None = None, alignment: int | None = None,
          checksum: bool = True, durable: bool = True, background: bool = False,
-         staging: StagingPool | None = None) -> SaveHandle | None:
+         staging: StagingPool | None = None, progress: Callable[[int], object] | None = None
+         ) -> SaveHandle | None:
     """Save ``obj`` (e.g. a ``state_dict``; tensors on any device, ``nn.Parameter`` saved as data).
 
     ``path`` may be a binary file object; ``background=True`` returns a :class:`ckptfmt.SaveHandle`
-    once the tensors are copied (see :func:`ckptfmt.save`).
+    once the tensors are copied; ``progress`` is told each increment of tensor bytes written (see
+    :func:`ckptfmt.save`).
     """
     return _api.save(path, obj, metadata=metadata, alignment=alignment, checksum=checksum, durable=durable,
-                     background=background, staging=staging)
+                     background=background, staging=staging, progress=progress)
 
 
 def save_bytes(obj: Any, *, metadata: dict[str, Any] | None = None, alignment: int | None = None,
