@@ -475,6 +475,8 @@ def run_one(fmt: str, data: bytes, workdir: str) -> str:
             a = np.ascontiguousarray(have)
             w = np.ascontiguousarray(want)
             w = w.astype(w.dtype.newbyteorder("<")) if w.dtype.byteorder == ">" else w
+            if w.dtype == np.bool_:  # a bool is stored as 0 or 1 (spec §6), whatever nonzero byte the source held
+                w = w.view(np.uint8) != 0
             if a.shape != w.shape or a.tobytes() != w.tobytes():
                 raise Finding(f"{fmt}: {key!r} differs from what the format's own library reads")
     return "ok"
