@@ -129,10 +129,14 @@ def rank_main(rank: int, cfg: dict) -> None:
                 if i >= cfg["warmup"]:
                     rec(f"load_{name}", m)
         stager = cd.ReusingStager()
+        peak: dict[str, int] = {"dcp": 0, "ckptfmt": 0}  # per peer: peak RSS growth during one call + its save
         for i in range(cfg["warmup"] + cfg["runs"]):
             for name in (["dcp", "ckptfmt"] if i % 2 == 0 else ["ckptfmt", "dcp"]):
                 p = os.path.join(root, f"async_{name}_{i}")
                 fresh(p)
+                gc.collect()
+                sampler = _PeakRss()
+                base_rss = sampler.peak
                 box: list = []
                 if name == "dcp":
                     m = timed(lambda box=box, p=p: box.append(dcp.async_save(state, checkpoint_id=p)))
@@ -141,11 +145,13 @@ def rank_main(rank: int, cfg: dict) -> None:
                 else:
                     m = timed(lambda box=box, p=p: box.append(cd.async_save(state, p, stager=stager)))
                     box[0].result()
+                peak[name] = max(peak[name], sampler.stop() - base_rss)
                 dist.barrier()
                 if i >= cfg["warmup"]:
                     rec(f"stall_{name}", m)
                 fresh(p)
         res["stager_allocations"] = stager.allocations
+        res["async_peak_extra"] = peak
     elif cfg["mode"] == "save_src":
         dcp.save(state, checkpoint_id=os.path.join(root, "dcp"))
         cd.save(state, os.path.join(root, "ckptfmt"), options=cd.SaveOptions(compression=cfg["compression"]))
@@ -189,6 +195,36 @@ def launch(cfg: dict) -> list:
             return json.load(f)
     finally:
         os.unlink(cfg["out"])
+
+
+def _rss() -> int:
+    """This process's resident set, in bytes (Linux /proc; 0 elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return 0
+
+
+class _PeakRss:
+    """Samples this process's RSS every 2 ms on a thread until :meth:`stop`, which returns the peak."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.peak = _rss()
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._done.wait(0.002):
+            self.peak = max(self.peak, _rss())
+
+    def stop(self) -> int:
+        self._done.set()
+        self._thread.join()
+        return max(self.peak, _rss())
 
 
 def _phase(ranks: list, name: str) -> dict:
@@ -242,7 +278,11 @@ def main() -> None:
         lines.append(_row(f"load W={w}", ranks, "load", f"{ok} |"))
         lines.append(_row(f"async_save stall W={w}", ranks, "stall",
                           f" ckptfmt stager allocated {ranks[0]['stager_allocations']}x over "
-                          f"{args.runs + args.warmup} saves |"))
+                          f"{args.runs + args.warmup} saves (its copy is held between saves); peak RSS growth "
+                          f"during one async save, per rank (max over ranks and saves) "
+                          f"DCP {max(r['async_peak_extra']['dcp'] for r in ranks) / 1e6:.0f} MB, ckptfmt "
+                          f"{max(r['async_peak_extra']['ckptfmt'] for r in ranks) / 1e6:.0f} MB, local shard "
+                          f"{max(r['local'] for r in ranks) / 1e6:.0f} MB |"))
         print(f"# done W={w}", file=sys.stderr, flush=True)
     for spec in [x for x in args.reshard.split(",") if x]:
         s, d = (int(x) for x in spec.split(":"))
