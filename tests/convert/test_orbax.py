@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 
 import ckptfmt
 from ckptfmt.convert import CorruptSourceError, UnsupportedSourceError, convert, detect
+from ckptfmt.errors import MissingDependencyError
 
 DATA = Path(__file__).parent / "data" / "orbax"
 _spec = importlib.util.spec_from_file_location("orbax_generate", DATA / "generate.py")
@@ -44,6 +45,7 @@ def _sources() -> list[Any]:
 @pytest.fixture(scope="module", params=_sources())
 def written(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A directory of checkpoints: the committed one, or one orbax writes now (in a child process)."""
+    pytest.importorskip("zstandard", reason="Orbax writes zstd-coded OCDBT nodes and chunks (ckptfmt[compress])")
     if request.param is not None:
         return Path(request.param)
     out = tmp_path_factory.mktemp("orbax")
@@ -70,6 +72,15 @@ def _check(got: dict[str, Any]) -> None:
     assert np.array_equal(got["sharded"], want["sharded"])  # 4 chunks, one per device, side by side
     assert got["step"] == 42 and got["lr"] == 0.25 and got["name"] == "run" and got["nothing"] is None
     assert type(got["count"]) is np.int32 and got["count"] == 7
+
+
+def test_without_zstandard_the_extra_is_named(tmp_path: Path) -> None:
+    """Without zstandard an OCDBT checkpoint (zstd-coded nodes) is refused naming the extra; nothing is written."""
+    if importlib.util.find_spec("zstandard") is not None:
+        pytest.skip("zstandard is installed (the tox env 'minimal' runs this)")
+    with pytest.raises(MissingDependencyError, match=r"ckptfmt\[compress\]"):
+        convert(DATA / "written" / "ocdbt", tmp_path / "o.ckpt")
+    assert not (tmp_path / "o.ckpt").exists()
 
 
 @pytest.mark.parametrize("layout", READABLE)
