@@ -68,10 +68,12 @@ def is_temp_name(name: str) -> bool:
     return _TEMP_RE.match(name) is not None
 
 
-def _lock(fd: int, *, wait: bool) -> bool:
-    """Take the exclusive advisory lock of ``fd``; False when another open file holds it (and not ``wait``)."""
+def try_flock(fd: int, *, wait: bool, unlockable: frozenset[int] = frozenset()) -> bool | None:
+    """Take the exclusive advisory lock of ``fd``: True when taken, False when another open file holds it
+    (and not ``wait``), None where it cannot be locked (no ``fcntl``, or an ``OSError`` whose errno is in
+    ``unlockable``); other errors are raised."""
     if fcntl is None:
-        return True
+        return None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
     except BlockingIOError:
@@ -79,8 +81,15 @@ def _lock(fd: int, *, wait: bool) -> bool:
     except OSError as e:
         if e.errno in (errno.EAGAIN, errno.EACCES):
             return False
+        if e.errno in unlockable:
+            return None
         raise
     return True
+
+
+def _lock(fd: int, *, wait: bool) -> bool:
+    """:func:`try_flock`, where a platform without ``fcntl`` counts as locked (there is nothing to hold)."""
+    return try_flock(fd, wait=wait) is not False
 
 
 def _reap(path: str) -> bool:

@@ -18,7 +18,7 @@ import secrets
 import shutil
 from typing import Any
 
-from .._atomic import fcntl, fsync_directory
+from .._atomic import fsync_directory, try_flock
 from ..errors import CheckpointNotFoundError
 from ._index import INDEX_NAME, MAX_INDEX_BYTES, parse_index
 
@@ -81,19 +81,7 @@ def remove_uncommitted(path: str) -> bool:
 
 def _lock(fd: int, *, wait: bool) -> bool | None:
     """Lock ``fd``: True when taken, False when another holder has it, None when it cannot be locked here."""
-    if fcntl is None:
-        return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-    except BlockingIOError:
-        return False
-    except OSError as e:
-        if e.errno in (errno.EAGAIN, errno.EACCES):
-            return False
-        if e.errno in _NOT_LOCKABLE:
-            return None
-        raise
-    return True
+    return try_flock(fd, wait=wait, unlockable=_NOT_LOCKABLE)
 
 
 def _same(fd: int, path: str) -> bool:
