@@ -200,11 +200,14 @@ class Writer:
         self._pad_to(blob_region_start(alignment))
 
     # -- byte output: pending in-place buffers (self._iov), then the batch buffer's [0, _fill)
-    def _flush(self) -> None:
+    def _flush(self, last: memoryview | None = None) -> None:
+        """Write what is pending (then ``last``, if given) in one gathered write."""
         parts = self._iov
         fill = self._fill
         if fill:
             parts.append(self._mv[:fill])
+        if last is not None:
+            parts.append(last)
         if parts:
             write_all(self._fd, parts)
             parts.clear()
@@ -216,17 +219,7 @@ class Writer:
     def _direct(self, data: memoryview) -> None:
         """Write ``data`` in place, after what is pending (one gathered write)."""
         if (self._fill or self._iov) and len(data) <= _MAX_WRITE:
-            fill = self._fill
-            parts = self._iov
-            if fill:
-                parts.append(self._mv[:fill])
-            parts.append(data)
-            write_all(self._fd, parts)
-            parts.clear()
-            self._iov_bytes = 0
-            if fill:
-                self._as_array[:fill] = 0
-                self._fill = 0
+            self._flush(data)
         else:
             self._flush()
             write_all(self._fd, data)

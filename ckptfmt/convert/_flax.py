@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from .._dtypes import DTYPES, DType, numpy_dtype
+from .._tree import walk
 from ._errors import CorruptSourceError, UnsupportedSourceError
 from ._lazy import FileArray, LazyArray
 
@@ -225,16 +226,7 @@ def looks_like_flax(path: str, head: bytes, size: int) -> bool:
         tree = read_flax(path)
     except (CorruptSourceError, UnsupportedSourceError, OSError, RecursionError):
         return False
-    stack = [tree]
-    while stack:
-        node = stack.pop()
-        if isinstance(node, (FileArray, ChunkedArray, np.generic)):
-            return True
-        if isinstance(node, dict):
-            stack.extend(node.values())
-        elif isinstance(node, list):
-            stack.extend(node)
-    return False
+    return any(isinstance(leaf, (FileArray, ChunkedArray, np.generic)) for _, leaf in walk(tree))
 
 
 def read_flax(path: str) -> dict[Any, Any]:

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from .._dtypes import numpy_dtype
+from .._tree import walk
 from ._errors import CorruptSourceError, UnsupportedSourceError
 from ._flax import read_flax
 from ._lazy import LazyArray
@@ -65,18 +66,10 @@ def is_orbax_dir(path: str) -> bool:
     if not head or not (0x80 <= head[0] <= 0x8F or head[0] in (0xDE, 0xDF)):
         return False
     try:
-        stack: list[Any] = [read_flax(file)]
+        tree = read_flax(file)
     except (CorruptSourceError, UnsupportedSourceError, OSError):
         return False
-    while stack:
-        node = stack.pop()
-        if _placeholder(node) is not None or isinstance(node, (LazyArray, np.generic)):
-            return True
-        if isinstance(node, dict):
-            stack.extend(node.values())
-        elif isinstance(node, list):
-            stack.extend(node)
-    return False
+    return any(_placeholder(leaf) is not None or isinstance(leaf, (LazyArray, np.generic)) for _, leaf in walk(tree))
 
 
 def _refuse_layout(path: str, names: list[str]) -> None:
