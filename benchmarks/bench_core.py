@@ -534,6 +534,11 @@ def targets(case: str, S: dict) -> list[dict]:
         how="t(safetensors load_file) / t(ckptfmt.load mmap verify=True)")
     add("eager load (mmap=False) ≥ 2× torch.load", big, ratio(t("load", "torch"), t("load", "ckptfmt-eager")),
         ">=", 2.0, how="t(torch.load) / t(ckptfmt.load mmap=False, verify=True)")
+    add("eager load (mmap=False) ≥ 0.9× raw readinto", big, ratio(t("load", "raw-read"), t("load", "ckptfmt-eager")),
+        ">=", 0.9, how="t(readinto of the file into one fresh buffer) / t(ckptfmt.load mmap=False, verify=True)")
+    add("eager load, verify=False ≥ 0.9× raw readinto", False,
+        ratio(t("load", "raw-read"), t("load", "ckptfmt-eager-noverify")), ">=", 0.9,
+        how="t(readinto of the file into one fresh buffer) / t(ckptfmt.load mmap=False, verify=False)")
     add("small: save ≥ 5× safetensors", small, ratio(t("save", "safetensors"), t("save", "ckptfmt")), ">=", 5.0,
         how="t(safetensors save_file) / t(ckptfmt.save durable=False)")
     add("small: load ≥ 3× safetensors (default load: mmap, verify=True)", small,

@@ -41,12 +41,19 @@ import ckptfmt  # noqa: E402
 from ckptfmt._writer import write_all  # noqa: E402
 
 
-def _settle() -> None:
-    """Let background work of the previous measurement (release of a replaced file, writeback) end."""
+def _settle(nbytes: int = 0) -> None:
+    """Let background work of the previous measurement (release of a replaced file, writeback) end,
+    then touch and free ``nbytes`` of memory, so the page cache the next save fills comes from warm
+    pages: on this VM (virtio-balloon free page reporting) memory left free for ~2 s costs a host fault
+    per page on its next first touch, which measures the hypervisor, not the writer (see RESULTS "Noise").
+    """
     for t in threading.enumerate():
         if t.name in ("ckptfmt-release", "ckptfmt-save", "ckptfmt-manager-save"):
             t.join()
     os.sync()
+    if nbytes:
+        warm = np.ones(nbytes, np.uint8)
+        del warm
 
 
 def raw_write(state: dict[str, np.ndarray], path: str, *, fsync: bool) -> None:
@@ -75,6 +82,7 @@ def bench_write(state: dict[str, np.ndarray], d: str, runs: int) -> dict[str, li
     ]
     cases += [(name + " [overwrite]", True, fn) for name, _, fn in cases]
     times: dict[str, list[float]] = {name: [] for name, _, _ in cases}
+    nbytes = sum(a.nbytes for a in state.values())
     for rep in range(runs):
         for name, over, fn in cases:
             p = os.path.join(d, "raw.bin" if name.startswith("raw") else "ckptfmt.ckpt")
@@ -83,7 +91,7 @@ def bench_write(state: dict[str, np.ndarray], d: str, runs: int) -> dict[str, li
                     fn(p)
             elif os.path.exists(p):
                 os.unlink(p)
-            _settle()
+            _settle(nbytes)
             times[name].append(_timed(lambda fn=fn, p=p: fn(p)))
         print(f"  rep {rep + 1}: " + ", ".join(f"{n} {t[-1]:.3f}" for n, t in times.items()), flush=True)
     return times
@@ -99,7 +107,7 @@ def bench_many(d: str, runs: int) -> dict[str, list[float]]:
             p = os.path.join(d, "many.ckpt" if name.startswith("ckptfmt") else "many.safetensors")
             if os.path.exists(p):
                 os.unlink(p)
-            _settle()
+            _settle(64 << 20)
             if name.startswith("ckptfmt"):
                 times[name].append(_timed(lambda p=p: ckptfmt.save(p, state, durable=False)))
             else:

@@ -24,6 +24,7 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
+from ._writeback import EarlyWriteback
 from .errors import DiskFullError
 
 try:
@@ -268,14 +269,20 @@ def atomic_write(path: str | os.PathLike[str], *, durable: bool = True) -> Itera
     """Yield a file descriptor (read/write) on a locked temporary that replaces ``path`` when the block succeeds.
 
     ``path`` may be a symlink: the file it points to is replaced and the link kept. The existing
-    file's mode is kept. ``durable``: fsync the file (F_FULLFSYNC on macOS) and its directory.
+    file's mode is kept. ``durable``: fsync the file (F_FULLFSYNC on macOS) and its directory; the
+    disk write of what the block writes is started while it writes (:class:`EarlyWriteback`).
     On any failure the temporary is removed and the previous file is untouched.
     """
     target = resolve_target(path)
     directory = os.path.dirname(target)
     tmp, fd = open_temp(target)
+    early = EarlyWriteback(fd) if durable else None
     try:
-        yield fd
+        try:
+            yield fd
+        finally:
+            if early is not None:
+                early.stop()
         _copy_mode(fd, target)  # at the end: a sweeper must be able to open the temporary meanwhile
         if durable:
             fsync_file(fd)

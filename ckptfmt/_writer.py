@@ -3,18 +3,21 @@
 Memory stays bounded: small contiguous blobs are hashed and queued in place with their padding
 (views of one zero buffer), and a batch of them (at most ``BUFFER_SIZE`` bytes) goes out in one
 ``writev``, without a copy; large contiguous blobs are written straight from the caller's memory, a
-cache-sized piece at a time, each piece hashed just before it is written (so the write reads it from
-cache, not from memory a second time); other small pieces (header, converted bytes) go through one
-reusable buffer, and non-contiguous or byte-swapped arrays are converted a bounded chunk at a time. The output is a file
-descriptor or any callable that writes all of a buffer (a file object, a pipe, a socket): the format
-needs no seek.
+cache-sized piece at a time. Each such piece is hashed while it is still in cache: just before it is
+written, or, once a save is large enough and a second core is free, just after, on a trailing hasher
+thread that the write never waits for. Other small pieces (header, converted bytes) go through one
+small reusable buffer, and non-contiguous or byte-swapped arrays are converted a bounded chunk at a
+time. The output is a file descriptor or any callable that writes all of a buffer (a file object, a
+pipe, a socket): the format needs no seek.
 """
-
 from __future__ import annotations
 
 import operator
 import os
 import sys
+import threading
+import time
+from collections import deque
 from collections.abc import Callable
 from itertools import chain
 from typing import Any, Union
@@ -35,10 +38,18 @@ from ._versions import minor_for
 #: ones are written in place, a piece at a time, each gathered with what is pending into one ``writev``.
 SMALL_BLOB = 64 << 10
 BUFFER_SIZE = 4 << 20
+#: The reusable buffer that small copied pieces and padding go through (small: a save allocates it afresh).
+COPY_BUFFER = 256 << 10
 #: Largest temporary made when converting a non-contiguous or byte-swapped array.
 CHUNK_SIZE = 8 << 20
 #: Large blobs are hashed and written this much at a time: small enough to stay in cache between the two.
 HASH_PIECE = 1 << 20
+#: Once a save has hashed this many bytes of large blobs itself, it hands the rest to a trailing hasher
+#: thread (on a machine with a second core): tiny saves never start a thread.
+TRAIL_AFTER = 8 << 20
+#: How long the trailing hasher sleeps when it has caught up with the writer (about 1 MB of writing).
+_TRAIL_POLL = 2e-4
+_CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 _MAX_WRITE = 1 << 30
 #: Most buffers one ``writev`` takes (POSIX IOV_MAX; 1024 on Linux).
 _IOV_MAX = 1024
@@ -91,6 +102,61 @@ def write_all(fd: Sink, data: Any) -> None:
     while len(data):
         n = os.write(fd, data[:_MAX_WRITE])
         data = data[n:]
+
+
+class _TrailingHasher:
+    """Hashes large blobs on a second core right after each piece is written, while it is still in cache.
+
+    The writing thread never waits for it and never wakes it: waking a sleeping thread costs more
+    than hashing a piece, so the hasher polls a deque (every ``_TRAIL_POLL`` seconds when idle) that
+    the writer appends ``(row, piece, last)`` to after each write. The digests are collected at the
+    end. Only the caller's own arrays are queued, which stay alive and unchanged for the whole save.
+    """
+
+    def __init__(self) -> None:
+        self._q: deque[tuple[int, Any, bool] | None] = deque()
+        self._sums: dict[int, int] = {}
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = threading.Thread(target=self._run, name="ckptfmt-hash", daemon=True)
+        self._thread.start()
+
+    def add(self, row: int, piece: Any, last: bool) -> None:
+        self._q.append((row, piece, last))
+
+    def _run(self) -> None:
+        h, q, sleep = hasher(), self._q, time.sleep
+        while True:
+            try:
+                item = q.popleft()
+            except IndexError:
+                sleep(_TRAIL_POLL)
+                continue
+            if item is None:
+                return
+            if self._error is not None:
+                continue
+            row, piece, last = item
+            try:
+                h.update(piece)
+                if last:
+                    self._sums[row] = h.intdigest()
+                    h.reset()
+            except BaseException as e:  # reported by digests(), on the writing thread
+                self._error = e
+
+    def stop(self) -> None:
+        """Wait for the pieces queued so far to be hashed, and end the thread (idempotent)."""
+        if self._thread is not None:
+            self._q.append(None)
+            self._thread.join()
+            self._thread = None
+
+    def digests(self) -> dict[int, int]:
+        """Each queued row's digest, by row number, once every piece is hashed."""
+        self.stop()
+        if self._error is not None:
+            raise self._error
+        return self._sums
 
 
 _NBYTES = operator.attrgetter("nbytes")  # of a memoryview or a numpy array
@@ -177,7 +243,7 @@ class Writer:
         self._in_row = 0  # bytes of the current row already reported
         self._alignment = alignment
         self._checksum = checksum
-        self._buf = bytearray(BUFFER_SIZE)  # zero except [0, _fill): padding is skipped over, not written
+        self._buf = bytearray(COPY_BUFFER)  # zero except [0, _fill): padding is skipped over, not written
         self._mv = memoryview(self._buf)
         self._as_array = np.frombuffer(self._buf, dtype=np.uint8)
         self._fill = 0
@@ -187,6 +253,9 @@ class Writer:
         self._zero = memoryview(bytes(min(alignment, _ZERO_PAD)))
         self._zero_views: dict[int, memoryview] = {}
         self._pos = 0
+        #: Hashes large blobs just behind the write, on another core (started once a save is big enough)
+        self._trail: _TrailingHasher | None = None
+        self._hashed_here = 0
         self._dtype_codes: dict[str, int] = {}
         self._code: list[int] = []
         self._ndim: list[int] = []
@@ -230,7 +299,7 @@ class Writer:
         if n >= SMALL_BLOB:
             self._direct(data)
             return
-        if n > BUFFER_SIZE - self._fill:
+        if n > COPY_BUFFER - self._fill:
             self._flush()
         self._mv[self._fill : self._fill + n] = data
         self._fill += n
@@ -239,9 +308,9 @@ class Writer:
     def _pad_to(self, offset: int) -> None:
         pad = offset - self._pos
         while pad > 0:
-            if self._fill == BUFFER_SIZE:
+            if self._fill == COPY_BUFFER:
                 self._flush()
-            n = min(pad, BUFFER_SIZE - self._fill)
+            n = min(pad, COPY_BUFFER - self._fill)
             self._fill += n
             self._pos += n
             pad -= n
@@ -439,6 +508,10 @@ class Writer:
                 digest = checksum(raw) if self._checksum else 0
                 self._emit(raw.data)
                 return digest
+            trail = self._trailing(nbytes)
+            if trail is not None:
+                self._trail_emit(raw.data, trail)
+                return 0  # filled in from the trailing hasher before the table is written
             h = hasher()
             self._hash_emit(raw.data, h)
             return h.intdigest()
@@ -466,6 +539,31 @@ class Writer:
             if self._progress is not None:
                 self._advance(len(piece))
 
+    def _trailing(self, nbytes: int) -> _TrailingHasher | None:
+        """The trailing hasher for a large blob of the caller's, started once the save is big enough."""
+        if self._trail is None:
+            if not self._checksum or _CORES < 2 or self._hashed_here < TRAIL_AFTER:
+                self._hashed_here += nbytes
+                return None
+            self._trail = _TrailingHasher()
+        return self._trail
+
+    def _trail_emit(self, data: memoryview, trail: _TrailingHasher) -> None:
+        """Write ``data`` a piece at a time, queueing each piece for the trailing hasher once written."""
+        row, n = len(self._sums), len(data)
+        for start in range(0, n, HASH_PIECE):
+            piece = data[start : start + HASH_PIECE]
+            self._direct(piece)
+            trail.add(row, piece, start + HASH_PIECE >= n)
+            if self._progress is not None:
+                self._advance(len(piece))
+
+    def _settle_sums(self) -> None:
+        """Put the trailing hasher's digests into the checksum column."""
+        if self._trail is not None:
+            for row, digest in self._trail.digests().items():
+                self._sums[row] = digest
+
     # -- progress
     def _advance(self, n: int) -> None:
         """Report ``n`` more bytes of the current row."""
@@ -484,6 +582,7 @@ class Writer:
                views: ViewTable | None = None) -> int:
         """Write metadata and footer; return the file size."""
         try:
+            self._settle_sums()
             meta_offset = align_up(self._pos, self._alignment)
             self._pad_to(meta_offset)
             meta = pack_metadata(tree, self._table(), producer, created, user, views)
@@ -507,4 +606,6 @@ class Writer:
         )
 
     def close(self) -> None:
-        """End of the call sequence; nothing is held open (the output belongs to the caller)."""
+        """End of the call sequence: the hashing thread, if any, is stopped (the output belongs to the caller)."""
+        if self._trail is not None:
+            self._trail.stop()

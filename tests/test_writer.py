@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import threading
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -116,3 +117,77 @@ def test_bool_bytes_other_than_0_and_1_are_stored_as_1(tmp_path: Path) -> None:
         assert got["strided"].tolist() == [False] * 4
         assert got["mixed"].view(np.uint8).tolist() == [1] * 4
     assert odd.view(np.uint8).tolist() == [0, 2, 1, 255] * 3  # the caller's array is not changed
+
+
+# ---------------------------------------------------------------- the trailing hasher
+
+def _mixed_large_state() -> dict[str, Any]:
+    rng = np.random.default_rng(7)
+    return {"emb": rng.standard_normal((700, 1024)).astype(np.float32),          # 2.7 MiB: several pieces
+            "bias": rng.standard_normal(300).astype(np.float32),                # small: hashed in its run
+            "w": [rng.standard_normal(200_000) for _ in range(6)],              # 1.5 MiB each
+            "odd": rng.standard_normal(1_000_003).astype(np.float32)[::3],       # converted: hashed inline
+            "big_endian": rng.standard_normal(300_000).astype(">f8"),
+            "step": 3}
+
+
+def _saved_bytes(path: Path, state: dict[str, Any], monkeypatch: pytest.MonkeyPatch, *, trail_after: int) -> bytes:
+    monkeypatch.setattr(ckptfmt._writer, "TRAIL_AFTER", trail_after)
+    monkeypatch.setattr(ckptfmt._writer, "_CORES", 2)
+    with mock.patch.dict(os.environ, {"SOURCE_DATE_EPOCH": "0"}):
+        ckptfmt.save(path, state, durable=False)
+    return path.read_bytes()
+
+
+class _Counting(ckptfmt._writer._TrailingHasher):
+    started = 0
+
+    def __init__(self) -> None:
+        type(self).started += 1
+        super().__init__()
+
+
+def test_blobs_hashed_behind_the_write_give_the_same_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    state = _mixed_large_state()
+    monkeypatch.setattr(ckptfmt._writer, "_TrailingHasher", _Counting)
+    monkeypatch.setattr(_Counting, "started", 0)
+    inline = _saved_bytes(tmp_path / "inline.ckpt", state, monkeypatch, trail_after=1 << 62)
+    assert _Counting.started == 0
+    trailing = _saved_bytes(tmp_path / "trailing.ckpt", state, monkeypatch, trail_after=0)
+    assert _Counting.started == 1
+    assert trailing == inline  # the same checksums, whichever thread computed them
+    assert ckptfmt.verify(tmp_path / "trailing.ckpt").ok
+    back = ckptfmt.load(tmp_path / "trailing.ckpt")
+    assert all(np.array_equal(a, b) for a, b in zip(back["w"], state["w"], strict=True))
+    assert not [t for t in threading.enumerate() if t.name == "ckptfmt-hash"]
+
+
+def test_the_trailing_hasher_starts_only_after_a_threshold_and_with_a_second_core(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    state = {f"w{i}": np.full(1 << 18, i, np.float32) for i in range(4)}  # 1 MiB each
+    monkeypatch.setattr(ckptfmt._writer, "_TrailingHasher", _Counting)
+    monkeypatch.setattr(_Counting, "started", 0)
+    _saved_bytes(tmp_path / "a.ckpt", state, monkeypatch, trail_after=3 << 20)  # the 4th row trails
+    assert _Counting.started == 1
+    monkeypatch.setattr(ckptfmt._writer, "_CORES", 1)
+    ckptfmt.save(tmp_path / "b.ckpt", state, durable=False)
+    monkeypatch.setattr(ckptfmt._writer, "_CORES", 2)
+    ckptfmt.save(tmp_path / "c.ckpt", state, durable=False, checksum=False)
+    assert _Counting.started == 1
+    assert ckptfmt.verify(tmp_path / "a.ckpt").ok and ckptfmt.verify(tmp_path / "b.ckpt").ok
+
+
+class _Broken(ckptfmt._writer._TrailingHasher):
+    def add(self, row: int, piece: Any, last: bool) -> None:
+        super().add(row, object(), last)  # not a buffer: the hasher thread's update raises TypeError
+
+
+def test_an_error_on_the_trailing_hasher_fails_the_save(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "x.ckpt"
+    ckptfmt.save(path, {"old": np.arange(3)})
+    before = path.read_bytes()
+    monkeypatch.setattr(ckptfmt._writer, "_TrailingHasher", _Broken)
+    with pytest.raises(TypeError):
+        _saved_bytes(path, _mixed_large_state(), monkeypatch, trail_after=0)
+    assert path.read_bytes() == before
+    assert not [t for t in threading.enumerate() if t.name == "ckptfmt-hash"]
