@@ -13,7 +13,7 @@ import mmap as _mmap
 import os
 import stat
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,9 +47,41 @@ from .errors import (
 
 __all__ = ["Checkpoint", "TensorInfo", "TensorSlice", "VerifyReport", "map_tree", "plain", "walk_leaves"]
 
-#: Blobs this large are read and hashed on worker threads.
+#: A blob this large read by itself (``read_into``) is split across worker threads.
 _PARALLEL_MIN = 4 << 20
+#: In a load of many rows, blobs this large are read and hashed on worker threads while the calling
+#: thread goes on with the rest (smaller ones cost less than a hand-over between threads).
+_THREAD_MIN = 256 << 10
 _WORKERS = max(1, min(8, os.cpu_count() or 1))
+
+
+class _Workers:
+    """Jobs handed to threads as a load finds them, while the calling thread goes on with the rest."""
+
+    def __init__(self, job: Callable[[Any], None]) -> None:
+        self._job = job
+        self._pool: ThreadPoolExecutor | None = None
+        self._futures: list[Future[None]] = []
+
+    def submit(self, item: Any) -> None:
+        if _WORKERS == 1:
+            self._job(item)
+            return
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(_WORKERS, thread_name_prefix="ckptfmt-read")
+        self._futures.append(self._pool.submit(self._job, item))
+
+    def finish(self) -> None:
+        """Wait for every job; re-raise the first error (in submission order)."""
+        for f in self._futures:
+            f.result()
+
+    def close(self) -> None:
+        """Cancel what has not started, wait for what has (idempotent)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+        self._futures.clear()
 
 
 @dataclass(frozen=True)
@@ -622,8 +654,15 @@ class Checkpoint:
         out: dict[int, np.ndarray] = {}
         mm = self._map(writable) if mmap else None
         view = memoryview(mm) if mm is not None and sums is not None else None
-        # (row, destination or None for mmap, bytes to hash or None): the work for the threads
-        big: list[tuple[int, Any, Any]] = []
+
+        def job(item: tuple[int, Any, Any]) -> None:
+            row, dest, data = item  # a fresh array's bytes to read into, or mapped bytes to hash
+            if dest is not None:
+                self._read_into(file, fd, row, dest, offsets[row], sums)
+            elif checksum(data) != sums[row]:  # data only when verifying
+                raise self._mismatch(row)
+
+        workers = _Workers(job)
         try:
             with file.held() as fd:
                 for i in rows:
@@ -640,22 +679,21 @@ class Checkpoint:
                         if not writable:
                             arr.flags.writeable = False
                         if view is not None:
-                            if nb >= _PARALLEL_MIN:
-                                big.append((i, None, view[off : off + nb]))
+                            if nb >= _THREAD_MIN:
+                                workers.submit((i, None, view[off : off + nb]))
                             elif checksum(view[off : off + nb]) != sums[i]:
                                 raise self._mismatch(i)
                     else:
                         arr = np.empty(shapes[i], dtype=dt)
                         raw = arr.reshape(-1).view(np.uint8)
-                        if nb >= _PARALLEL_MIN:
-                            big.append((i, raw, None))
+                        if nb >= _THREAD_MIN:
+                            workers.submit((i, raw, None))
                         else:
                             self._read_into(file, fd, i, raw, off, sums)
                     out[i] = arr
-                if big:
-                    self._run_parallel(big, file, fd, offsets, sums)
+                workers.finish()
         finally:
-            big.clear()  # drop the slices of ``view`` before releasing it
+            workers.close()  # every job has ended (and dropped its slice of ``view``) before it is released
             if view is not None:
                 view.release()
         return out
@@ -667,22 +705,6 @@ class Checkpoint:
                                                       "bytes")
         if sums is not None and checksum(raw) != sums[row]:
             raise self._mismatch(row)
-
-    def _run_parallel(self, work: list[tuple[int, Any, Any]], file: SharedFile, fd: int, offsets: Any,
-                      sums: Any) -> None:
-        def job(item: tuple[int, Any, Any]) -> None:
-            row, dest, data = item
-            if dest is not None:
-                self._read_into(file, fd, row, dest, offsets[row], sums)
-            elif sums is not None and checksum(data) != sums[row]:
-                raise self._mismatch(row)
-
-        workers = min(len(work), _WORKERS)
-        if workers == 1:
-            job(work[0])
-            return
-        with ThreadPoolExecutor(workers, thread_name_prefix="ckptfmt-read") as pool:
-            list(pool.map(job, work))  # draining the results re-raises the first worker's error
 
     def get(self, key: str, *, verify: bool = True, mmap: bool = True, backend: str | ArrayBackend | None = None,
             device: str | None = None) -> Any:

@@ -105,6 +105,35 @@ def test_read_into_splits_large_blobs_across_threads(path: Path, monkeypatch: py
     assert np.array_equal(out, np.arange(300_000))
 
 
+@pytest.mark.parametrize("mmap", [False, True])
+def test_a_load_reads_and_hashes_medium_blobs_on_threads_and_reports_the_damaged_one(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mmap: bool) -> None:
+    import threading
+
+    from ckptfmt import _reader
+
+    monkeypatch.setattr(_reader, "_WORKERS", 3)
+    state = {f"m{i}": np.full(70_000 + i, i, np.float32) for i in range(12)}  # >= _THREAD_MIN each
+    state["small"] = np.arange(10)
+    p = tmp_path / "m.ckpt"
+    ckptfmt.save(p, state)
+    ran: set[str] = set()
+    real = _reader.checksum
+
+    def recording(data: Any) -> int:
+        ran.add(threading.current_thread().name)
+        return real(data)
+
+    monkeypatch.setattr(_reader, "checksum", recording)
+    back = ckptfmt.load(p, mmap=mmap)
+    assert all(np.array_equal(back[k], v) for k, v in state.items())
+    assert any(name.startswith("ckptfmt-read") for name in ran)
+    _corrupt(p, "m7", at=1000)
+    with pytest.raises(ChecksumMismatchError, match="'m7'"):
+        ckptfmt.load(p, mmap=mmap)
+    assert not [t for t in threading.enumerate() if t.name.startswith("ckptfmt-read")]
+
+
 # ---------------------------------------------------------------- iter_chunks
 
 
