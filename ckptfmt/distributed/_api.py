@@ -261,6 +261,13 @@ def _no_gc(on: bool) -> Iterator[None]:
             gc.enable()
 
 
+def _abort(writer: Writer, path: str | os.PathLike[str], o: SaveOptions) -> None:
+    """Remove a failed attempt through the writer's own location: the one holding the attempt's lock (on the
+    coordinator), so that an attempt another save is writing is never taken for this one's."""
+    loc = writer.location if writer.location is not None else Location(path, storage_options=o.storage_options)
+    loc.abort()
+
+
 def _writer(path: str | os.PathLike[str], o: SaveOptions) -> Writer:
     meta = dict(o.metadata)
     return Writer(path, block_size=o.block_size, overwrite=o.overwrite, name=o.name, metadata=meta, sync=o.sync,
@@ -291,7 +298,7 @@ def save(state: dict[str, Any], path: str | os.PathLike[str], *, process_group: 
     except BaseException as e:  # DCP's CheckpointException derives from BaseException
         if isinstance(e, (KeyboardInterrupt, SystemExit)):
             raise
-        Location(path, storage_options=o.storage_options).abort()
+        _abort(writer, path, o)
         raise from_dcp(e, os.fspath(path), "save") from None
     return os.fspath(path)
 
@@ -406,7 +413,7 @@ def async_save(state: dict[str, Any], path: str | os.PathLike[str], *, process_g
                 with _no_gc(o.disable_gc):
                     _dcp_save(staged, writer, None)
             except BaseException as e:
-                Location(path, storage_options=o.storage_options).abort()
+                _abort(writer, path, o)
                 out.set_exception(from_dcp(e, p, "async save"))
                 return
             out.set_result(p)
@@ -421,7 +428,7 @@ def async_save(state: dict[str, Any], path: str | os.PathLike[str], *, process_g
     except BaseException as e:
         if isinstance(e, (KeyboardInterrupt, SystemExit)):
             raise
-        Location(path, storage_options=o.storage_options).abort()
+        _abort(writer, path, o)
         out.set_exception(from_dcp(e, p, "async save"))
         return out
     inner: Any = getattr(fut, "upload_completion", fut)
@@ -430,7 +437,7 @@ def async_save(state: dict[str, Any], path: str | os.PathLike[str], *, process_g
         try:
             f.result()
         except BaseException as e:
-            Location(path, storage_options=o.storage_options).abort()
+            _abort(writer, path, o)
             out.set_exception(from_dcp(e, p, "async save"))
             return
         out.set_result(p)

@@ -141,6 +141,18 @@ def is_live(path: str) -> bool:
         os.close(fd)
 
 
+def is_held(path: str) -> bool:
+    """True only when another open file provably holds the lock of the directory at ``path`` (a live writer)."""
+    try:
+        fd = os.open(path, _FLAGS)
+    except OSError:
+        return False
+    try:
+        return _lock(fd, wait=False) is False
+    finally:
+        os.close(fd)
+
+
 def remove_dead_attempt(staging: str) -> bool:
     """Remove the staging directory ``staging`` if its writer is provably dead; True when it was removed.
 

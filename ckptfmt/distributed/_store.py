@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 from .._atomic import atomic_write
 from ..errors import CheckpointNotFoundError, MissingDependencyError
-from ._directory import hold_staging, old_path, release, staging_path
+from ._directory import hold_staging, is_held, old_path, release, remove_dead_attempt, staging_path
 from ._index import INDEX_NAME
 
 T = TypeVar("T")
@@ -108,8 +108,13 @@ class Location:
             return
         if not overwrite and os.path.exists(os.path.join(self.root, INDEX_NAME)):
             raise FileExistsError(f"{self.url}: a committed checkpoint exists (overwrite=False)")
-        shutil.rmtree(self.staging, ignore_errors=True)
-        release(self._held)
+        release(self._held)  # this writer's own earlier attempt, if any, is dead from here on
+        self._held = None
+        if os.path.lexists(self.staging) and not remove_dead_attempt(self.staging):
+            if is_held(self.staging):  # another save of this checkpoint is running: its files are not ours
+                raise FileExistsError(f"{self.url}: another save of this checkpoint is in progress (its staging "
+                                      f"directory {self.staging} is locked by a live writer)")
+            shutil.rmtree(self.staging, ignore_errors=True)  # where directories cannot be locked
         self._held = hold_staging(self.staging)  # held until the commit or abort is complete
 
     def put_container(self, name: str, write: Callable[[str], None]) -> None:
@@ -167,13 +172,20 @@ class Location:
         self._held = None
 
     def abort(self) -> None:
-        """Remove a failed attempt: the staging directory (local) or the uncommitted prefix (remote)."""
+        """Remove a failed attempt: the staging directory (local) or the uncommitted prefix (remote).
+
+        Locally only an attempt this location holds, or one whose writer is provably gone: a staging
+        directory another live save holds (one that refused this save) is left to that save.
+        """
         with contextlib.suppress(Exception):
             if self.remote:
                 if not self.fs.exists(self.join(self.root, INDEX_NAME)) and self.fs.exists(self.root):
                     self.fs.rm(self.root, recursive=True)
-            else:
-                shutil.rmtree(self.staging, ignore_errors=True)
+            elif self._held is not None:
+                shutil.rmtree(self.staging, ignore_errors=True)  # ours: we hold its lock
+            elif (os.path.lexists(self.staging) and not remove_dead_attempt(self.staging)
+                  and not is_held(self.staging)):
+                shutil.rmtree(self.staging, ignore_errors=True)  # where directories cannot be locked
         release(self._held)
         self._held = None
 

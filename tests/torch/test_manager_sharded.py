@@ -170,6 +170,30 @@ def test_attempt_is_swept_only_once_its_writer_is_dead(tmp_path):
     assert not [n for n in os.listdir(run) if n.startswith(".")], os.listdir(run)
 
 
+def test_a_second_save_of_one_checkpoint_never_removes_a_live_writers_attempt(tmp_path):
+    """Two saves to the same path at once: the second is refused while the first (a real process) writes;
+    once that writer is killed, its attempt is dead and the next save replaces it."""
+    target = str(tmp_path / "c")
+    staging = _directory.staging_path(target)
+    proc = subprocess.Popen([sys.executable, "-c", _WRITER, target], cwd=tmp_path, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "writing"
+        before = sorted(os.listdir(staging))
+        assert before
+        with pytest.raises(Exception, match="another save of this checkpoint is in progress") as e:
+            cd.save({"x": torch.zeros(3)}, target)
+        assert isinstance(e.value, (FileExistsError, cd.DistributedCheckpointError))
+        assert sorted(os.listdir(staging)) == before, "a live writer's files were touched"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+    cd.save({"x": torch.full((3,), 7.0)}, target)
+    assert cd.consolidate(target)["x"].tolist() == [7.0, 7.0, 7.0]
+    assert not os.path.exists(staging)
+
+
 def test_sweep_removes_only_dead_leftovers_of_the_managers_names(tmp_path):
     m = CheckpointManager(tmp_path)
     model, opt = _model()
