@@ -166,6 +166,9 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, allow_p
         raise NotACheckpointFileError(f"{dst_s}: is a directory; give the path of the file to write")
     if os.path.exists(dst_s) and os.path.exists(src_s) and os.path.samefile(src_s, dst_s):
         raise SameFileError(f"{dst_s}: the destination is the source; write the conversion elsewhere")
+    if _part_of_source(fmt, src_s, dst_s):
+        raise SameFileError(f"{dst_s}: the destination is a file of the source checkpoint ({fmt} at {src_s}), "
+                            "which the conversion would replace; write it elsewhere")
     tree, source_meta = _read(fmt, src_s, allow_pickle=allow_pickle)
     if fmt in ("safetensors-sharded", "torch-sharded"):  # a model directory: its config and tokenizer files too
         from ._hfdir import SIDE_KEY, read_side_files
@@ -189,6 +192,25 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, allow_p
     if sink is not None and nbytes > done:
         sink(nbytes - done)  # bytes shared by several tensors were stored once; they count as converted
     return ConversionReport(fmt, src_s, dst_s, tensors, nbytes, os.path.getsize(dst_s), time.perf_counter() - start)
+
+
+#: formats whose checkpoint is several files in one directory (shards, index, metadata)
+_MULTI_FILE = frozenset({"dcp", "safetensors-sharded", "torch-sharded", "orbax", "tensorflow"})
+
+
+def _part_of_source(fmt: str, src: str, dst: str) -> bool:
+    """Whether ``dst`` is an existing file of a multi-file source: any file in its directory tree that is
+    not a ckptfmt file (a shard, an index, metadata), which the save's rename would replace."""
+    if fmt not in _MULTI_FILE or not os.path.lexists(dst):
+        return False
+    root = os.path.realpath(src if os.path.isdir(src) else os.path.dirname(os.path.abspath(src)))
+    target = os.path.realpath(dst)
+    if os.path.commonpath([root, target]) != root:
+        return False
+    try:
+        return detect(target) != "ckptfmt"
+    except Exception:  # not a file a converter reads: still one of the source directory's files
+        return True
 
 
 def _sink(progress: ProgressLike | None, total: int) -> Callable[[int], Any] | None:

@@ -100,6 +100,24 @@ def test_safetensors_directories_keep_side_files(tmp_path: Path, shard_size: Any
     check(tmp_path / "m.ckpt", state, "safetensors-sharded", report)
 
 
+def test_a_conversion_never_replaces_a_file_of_its_own_source(tmp_path: Path) -> None:
+    d = tmp_path / "st"
+    d.mkdir()
+    hub.save_torch_state_dict({"a": torch.ones(64), "b": torch.zeros(64)}, d, max_shard_size=300)
+    side_files(d)
+    files = {p.name: p.read_bytes() for p in d.iterdir()}
+    shard = next(n for n in files if n.endswith(".safetensors"))
+    for victim in (shard, "model.safetensors.index.json", "config.json"):
+        for src in (d, d / "model.safetensors.index.json"):
+            with pytest.raises(ckptfmt.convert.SameFileError, match=r"is the source|a file of the source"):
+                convert(src, d / victim)
+    assert {p.name: p.read_bytes() for p in d.iterdir()} == files
+    convert(d, d / "model.ckpt")  # a new file beside the source is fine, and so is replacing it
+    convert(d, d / "model.ckpt")
+    assert ckptfmt.load(d / "model.ckpt")["a"].sum() == 64
+    assert {p.name: p.read_bytes() for p in d.iterdir() if p.name != "model.ckpt"} == files
+
+
 def test_a_single_file_takes_no_side_files(tmp_path: Path) -> None:
     d = tmp_path / "model"
     d.mkdir()
