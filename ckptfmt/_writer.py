@@ -341,6 +341,16 @@ class Writer:
         kinds: dict[tuple[int, int], int] = {}
         i, window = 0, _MIN_RUN
         while i < n:
+            m, end = i, min(n, i + _MIN_RUN)
+            while m < end and _may_run(items[m][0]):
+                m += 1
+            if m < end:  # a short run before a large row (small and large tensors alternate): one at a time
+                j = m + 1
+                while j < n and not _may_run(items[j][0]):
+                    j += 1
+                self._write_rows(items[i:j])
+                i, window = j, _MIN_RUN
+                continue
             k = self._write_run(items, i, window, kinds)
             if k:
                 i += k
