@@ -17,6 +17,7 @@ import msgpack
 import numpy as np
 
 from ._backend import ArrayBackend, Source
+from ._codec import CHUNK_BYTES, check_chunk_bytes
 from ._dtypes import DType
 from ._encode import PackedTree, fit_metadata
 from ._header import DEFAULT_ALIGNMENT, check_alignment
@@ -109,11 +110,12 @@ def _prepare(obj: Any, metadata: dict[str, Any] | None, alignment: int | None, l
 
 def _write(target: Target, rows: list[tuple[Source, DType]], what: Plan, *, tree: PackedTree, align: int,
            checksum: bool, durable: bool, created: str, user: dict[str, Any], compression: str = "none",
-           pack: bool = False, progress: ProgressCallback | None = None) -> None:
+           pack: bool = False, progress: ProgressCallback | None = None, chunk_bytes: int = CHUNK_BYTES) -> None:
     with output(target, durable=durable) as sink:
         writer = Writer(sink, alignment=align, checksum=checksum, progress=progress) \
             if compression == "none" and not pack else \
-            Writer11(sink, alignment=align, checksum=checksum, compression=compression, pack=pack, progress=progress)
+            Writer11(sink, alignment=align, checksum=checksum, compression=compression, pack=pack, progress=progress,
+                     chunk_bytes=chunk_bytes)
         try:
             writer.write_blobs(rows)
         except BaseException:
@@ -125,7 +127,8 @@ def _write(target: Target, rows: list[tuple[Source, DType]], what: Plan, *, tree
 def save(path: Target, obj: Any, *, metadata: dict[str, Any] | None = None, alignment: int | None = None,
          checksum: bool = True, durable: bool = True, background: bool = False,
          staging: StagingPool | None = None, limits: Limits | None = None, compression: str = "none",
-         pack: bool = False, progress: ProgressCallback | None = None) -> SaveHandle | None:
+         pack: bool = False, progress: ProgressCallback | None = None,
+         chunk_bytes: int = CHUNK_BYTES) -> SaveHandle | None:
     """Write ``obj`` (nested dicts/lists/tuples of arrays and plain values) to ``path``, atomically.
 
     The previous file at ``path`` is replaced only once the new one is complete (and, with
@@ -140,16 +143,19 @@ def save(path: Target, obj: Any, *, metadata: dict[str, Any] | None = None, alig
     right away), and writes the file on a thread; errors surface at ``handle.wait()``, or at the next
     background save through the same pool if nobody waited.
     ``compression`` (``none|fast|balanced|maximum``) and ``pack`` (small blobs at a 64-byte alignment)
-    write format 1.1 (spec §13-§14); without them the file is format 1.0.
+    write format 1.1 (spec §13-§14); without them the file is format 1.0. ``chunk_bytes`` (a multiple
+    of 64, at most 2^26; 1 MiB by default) is how many decoded bytes each compressed chunk holds: a
+    partial read decodes whole chunks, so smaller chunks over-read less and compress a little worse.
     ``progress``, when given, is called by the writer with each increment of tensor bytes written
     (e.g. ``tqdm.update``); the increments add up to the bytes of the distinct tensors stored (bytes
     shared by several views count once). With ``background=True`` it is called on the writing thread.
     """
+    check_chunk_bytes(chunk_bytes)
     created = _created()
     align, what, user, tree = _prepare(obj, metadata, alignment, limits, created)
     how: dict[str, Any] = {"tree": tree, "align": align, "checksum": checksum, "durable": durable,
                            "created": created, "user": user, "compression": compression, "pack": pack,
-                           "progress": progress}
+                           "progress": progress, "chunk_bytes": chunk_bytes}
     if not background:
         _write(path, what.rows, what, **how)
         return None

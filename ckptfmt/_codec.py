@@ -59,6 +59,15 @@ def check_level(level: str) -> str:
     return level
 
 
+def check_chunk_bytes(chunk_bytes: int) -> int:
+    """``chunk_bytes`` if the format allows it (a positive multiple of 64, at most 2^26; spec §13), else ValueError."""
+    if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes <= 0 \
+            or chunk_bytes % 64 or chunk_bytes > MAX_CHUNK_BYTES:
+        raise ValueError(f"chunk_bytes must be a positive multiple of 64 of at most {MAX_CHUNK_BYTES}, "
+                         f"not {chunk_bytes!r}")
+    return chunk_bytes
+
+
 def planes(codec: str, itemsize: int) -> int:
     """How many pieces one chunk of this codec makes."""
     return itemsize if codec == PLANES_ZSTD else 1

@@ -196,6 +196,25 @@ def test_a_partial_read_decodes_only_its_chunks(tmp_path: Path) -> None:
         assert ckpt.get("v").tobytes() == weights(10).tobytes()  # keys=: one row decoded
 
 
+@pytest.mark.parametrize("chunk", [64, 4096, 192 << 10, 1 << 26])
+def test_chunk_bytes_sets_the_decoded_size_of_each_chunk(tmp_path: Path, chunk: int) -> None:
+    w = weights(300_000)  # 1.2 MB
+    ckptfmt.save(tmp_path / "c.ckpt", {"w": w}, compression="balanced", chunk_bytes=chunk)
+    with ckptfmt.open(tmp_path / "c.ckpt") as ckpt:
+        row = stored_row(ckpt, 0)
+        assert row.chunk_bytes == chunk and row.chunk_count() == -(-w.nbytes // chunk)
+        assert ckpt.get("w").tobytes() == w.tobytes()
+        assert ckpt.get_slice("w")[123_456:200_001].tobytes() == w[123_456:200_001].tobytes()
+    assert ckptfmt.verify(tmp_path / "c.ckpt").ok
+
+
+@pytest.mark.parametrize("chunk", [0, -64, 100, (1 << 26) + 64, 2.0, True])
+def test_chunk_bytes_outside_the_format_is_refused_before_writing(tmp_path: Path, chunk: Any) -> None:
+    with pytest.raises(ValueError, match="chunk_bytes"):
+        ckptfmt.save(tmp_path / "c.ckpt", {"w": weights(10)}, compression="fast", chunk_bytes=chunk)
+    assert not os.listdir(tmp_path)
+
+
 # ---------------------------------------------------------------- damage
 
 
