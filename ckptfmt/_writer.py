@@ -10,6 +10,7 @@ small reusable buffer, and non-contiguous or byte-swapped arrays are converted a
 time. The output is a file descriptor or any callable that writes all of a buffer (a file object, a
 pipe, a socket): the format needs no seek.
 """
+
 from __future__ import annotations
 
 import operator
