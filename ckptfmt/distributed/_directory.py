@@ -127,30 +127,31 @@ def release(fd: int | None) -> None:
             os.close(fd)
 
 
+def _probe(path: str) -> bool | None:
+    """Try the lock of the directory at ``path`` without waiting (see :func:`_lock`); OSError if it cannot be opened."""
+    fd = os.open(path, _FLAGS)
+    try:
+        return _lock(fd, wait=False)
+    finally:
+        os.close(fd)
+
+
 def is_live(path: str) -> bool:
     """True when a writer may still hold the directory at ``path`` (locked, or not lockable here)."""
     try:
-        fd = os.open(path, _FLAGS)
+        return _probe(path) is not True
     except (FileNotFoundError, NotADirectoryError):
         return False
     except OSError:
         return True
-    try:
-        return _lock(fd, wait=False) is not True
-    finally:
-        os.close(fd)
 
 
 def is_held(path: str) -> bool:
     """True only when another open file provably holds the lock of the directory at ``path`` (a live writer)."""
     try:
-        fd = os.open(path, _FLAGS)
+        return _probe(path) is False
     except OSError:
         return False
-    try:
-        return _lock(fd, wait=False) is False
-    finally:
-        os.close(fd)
 
 
 def remove_dead_attempt(staging: str) -> bool:

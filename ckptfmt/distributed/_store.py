@@ -110,12 +110,19 @@ class Location:
             raise FileExistsError(f"{self.url}: a committed checkpoint exists (overwrite=False)")
         release(self._held)  # this writer's own earlier attempt, if any, is dead from here on
         self._held = None
-        if os.path.lexists(self.staging) and not remove_dead_attempt(self.staging):
-            if is_held(self.staging):  # another save of this checkpoint is running: its files are not ours
-                raise FileExistsError(f"{self.url}: another save of this checkpoint is in progress (its staging "
-                                      f"directory {self.staging} is locked by a live writer)")
-            shutil.rmtree(self.staging, ignore_errors=True)  # where directories cannot be locked
+        if not self._remove_unless_live():  # another save of this checkpoint is running: its files are not ours
+            raise FileExistsError(f"{self.url}: another save of this checkpoint is in progress (its staging "
+                                  f"directory {self.staging} is locked by a live writer)")
         self._held = hold_staging(self.staging)  # held until the commit or abort is complete
+
+    def _remove_unless_live(self) -> bool:
+        """Remove the local staging directory unless another live writer holds it; False when one does."""
+        if not os.path.lexists(self.staging) or remove_dead_attempt(self.staging):
+            return True
+        if is_held(self.staging):
+            return False
+        shutil.rmtree(self.staging, ignore_errors=True)  # where directories cannot be locked
+        return True
 
     def put_container(self, name: str, write: Callable[[str], None]) -> None:
         """Let ``write(local_path)`` write container ``name``, then move it into the staging place."""
@@ -183,9 +190,8 @@ class Location:
                     self.fs.rm(self.root, recursive=True)
             elif self._held is not None:
                 shutil.rmtree(self.staging, ignore_errors=True)  # ours: we hold its lock
-            elif (os.path.lexists(self.staging) and not remove_dead_attempt(self.staging)
-                  and not is_held(self.staging)):
-                shutil.rmtree(self.staging, ignore_errors=True)  # where directories cannot be locked
+            else:
+                self._remove_unless_live()
         release(self._held)
         self._held = None
 
