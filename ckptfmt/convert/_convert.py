@@ -204,11 +204,11 @@ def _part_of_source(fmt: str, src: str, dst: str) -> bool:
     if fmt not in _MULTI_FILE or not os.path.lexists(dst):
         return False
     root = os.path.realpath(src if os.path.isdir(src) else os.path.dirname(os.path.abspath(src)))
-    target = os.path.realpath(dst)
-    if os.path.commonpath([root, target]) != root:
-        return False
+    named = os.path.join(os.path.realpath(os.path.dirname(os.path.abspath(dst))), os.path.basename(dst))
+    if all(os.path.commonpath([root, t]) != root for t in (named, os.path.realpath(dst))):
+        return False  # neither the name (a link in a hub snapshot, say) nor the file it reaches is the source's
     try:
-        return detect(target) != "ckptfmt"
+        return detect(dst) != "ckptfmt"
     except Exception:  # not a file a converter reads: still one of the source directory's files
         return True
 

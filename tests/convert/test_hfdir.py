@@ -289,6 +289,10 @@ def test_a_hub_cache_made_by_huggingface_hub_converts(tmp_path: Path) -> None:
     with ckptfmt.open(tmp_path / "st.ckpt") as ckpt:
         assert ckpt.metadata["hf_files"] == {"config.json": CONFIG}
     convert(snap / "model.safetensors.index.json", tmp_path / "st2.ckpt")  # the index file named directly
+    blobs = {p.name: p.read_bytes() for p in (snap.parent.parent / "blobs").iterdir()}
+    with pytest.raises(ckptfmt.convert.SameFileError, match="a file of the source"):
+        convert(snap, snap / "model-00001-of-00002.safetensors")  # a link: the save would replace its blob
+    assert {p.name: p.read_bytes() for p in (snap.parent.parent / "blobs").iterdir()} == blobs
 
     import io
 
