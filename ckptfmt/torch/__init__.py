@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from .. import _api
+from .._codec import CHUNK_BYTES
 from .._reader import Checkpoint
 from .._staging import SaveHandle, StagingPool
 from .._tables import Limits
@@ -53,16 +54,17 @@ __all__ = [
 
 def save(path: Any, obj: Any, *, metadata: dict[str, Any] | None = None, alignment: int | None = None,
          checksum: bool = True, durable: bool = True, background: bool = False,
-         staging: StagingPool | None = None, progress: Callable[[int], object] | None = None
-         ) -> SaveHandle | None:
+         staging: StagingPool | None = None, progress: Callable[[int], object] | None = None,
+         compression: str = "none", pack: bool = False, chunk_bytes: int = CHUNK_BYTES) -> SaveHandle | None:
     """Save ``obj`` (e.g. a ``state_dict``; tensors on any device, ``nn.Parameter`` saved as data).
 
     ``path`` may be a binary file object; ``background=True`` returns a :class:`ckptfmt.SaveHandle`
-    once the tensors are copied; ``progress`` is told each increment of tensor bytes written (see
-    :func:`ckptfmt.save`).
+    once the tensors are copied; ``progress`` is told each increment of tensor bytes written;
+    ``compression``, ``pack`` and ``chunk_bytes`` write format 1.1 (all as :func:`ckptfmt.save`).
     """
     return _api.save(path, obj, metadata=metadata, alignment=alignment, checksum=checksum, durable=durable,
-                     background=background, staging=staging, progress=progress)
+                     background=background, staging=staging, progress=progress, compression=compression,
+                     pack=pack, chunk_bytes=chunk_bytes)
 
 
 def save_bytes(obj: Any, *, metadata: dict[str, Any] | None = None, alignment: int | None = None,

@@ -475,3 +475,19 @@ def test_a_missing_backend_raises_missing_dependency_error(tmp_ckpt: Path) -> No
     cupy_api = importlib.import_module("ckptfmt.cupy")  # importable without cupy; its loads need the backend
     with pytest.raises(ImportError, match="pip install"):
         cupy_api.load(tmp_ckpt)
+
+
+@pytest.mark.parametrize("how", [{"compression": "fast"}, {"compression": "balanced", "chunk_bytes": 4096},
+                                 {"pack": True}])
+def test_torch_save_writes_format_1_1_when_asked(tmp_ckpt: Path, how: dict[str, Any]) -> None:
+    if "compression" in how:
+        pytest.importorskip("zstandard")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.LayerNorm(32)).to(torch.bfloat16)
+    sd = model.state_dict()
+    ckptfmt.torch.save(tmp_ckpt, sd, **how)
+    with ckptfmt.open(tmp_ckpt) as ckpt:
+        assert ckpt.header.minor == 1
+    back = ckptfmt.torch.load(tmp_ckpt)
+    assert sd.keys() == back.keys()
+    assert all(torch.equal(back[k], v) and back[k].dtype == v.dtype for k, v in sd.items())
