@@ -59,10 +59,15 @@ def check_level(level: str) -> str:
     return level
 
 
+def chunk_bytes_ok(chunk_bytes: object) -> bool:
+    """Whether the format allows ``chunk_bytes`` (spec §13): an int, a positive multiple of 64, at most 2^26."""
+    return isinstance(chunk_bytes, int) and not isinstance(chunk_bytes, bool) \
+        and 0 < chunk_bytes <= MAX_CHUNK_BYTES and chunk_bytes % 64 == 0
+
+
 def check_chunk_bytes(chunk_bytes: int) -> int:
-    """``chunk_bytes`` if the format allows it (a positive multiple of 64, at most 2^26; spec §13), else ValueError."""
-    if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes <= 0 \
-            or chunk_bytes % 64 or chunk_bytes > MAX_CHUNK_BYTES:
+    """``chunk_bytes`` if the format allows it (:func:`chunk_bytes_ok`), else ValueError."""
+    if not chunk_bytes_ok(chunk_bytes):
         raise ValueError(f"chunk_bytes must be a positive multiple of 64 of at most {MAX_CHUNK_BYTES}, "
                          f"not {chunk_bytes!r}")
     return chunk_bytes

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ._codec import KNOWN_CODECS, MAX_CHUNK_BYTES, MAX_RATIO, PLANES_ZSTD, RAW
+from ._codec import KNOWN_CODECS, MAX_CHUNK_BYTES, MAX_RATIO, PLANES_ZSTD, RAW, chunk_bytes_ok
 from ._dtypes import DTYPES
 from ._versions import FEATURE_COMPRESSED, FEATURE_PACKED
 from .errors import InvalidMetadataError
@@ -69,7 +69,7 @@ def _parse_compressed(table: dict[str, Any], tt: TensorTable, path: str | None) 
     stored = _col(table, "stored", _U64, n, path)
     counts = _col(table, "pieces", _U64, n, path)
     chunk = _int(table, "chunk_bytes", path)
-    if chunk % 64 or chunk > MAX_CHUNK_BYTES:
+    if not chunk_bytes_ok(chunk):
         raise InvalidMetadataError(path, f"chunk_bytes {chunk} is not a multiple of 64 up to {MAX_CHUNK_BYTES}")
     if n and float(counts.astype(np.float64).sum()) > 2.0**40:
         raise InvalidMetadataError(path, "the piece counts add up to more than 2**40")

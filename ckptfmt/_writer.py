@@ -521,7 +521,7 @@ class Writer:
                 return digest
             trail = self._trailing(nbytes)
             if trail is not None:
-                self._trail_emit(raw.data, trail)
+                self._hash_emit(raw.data, None, trail)
                 return 0  # filled in from the trailing hasher before the table is written
             h = hasher()
             self._hash_emit(raw.data, h)
@@ -533,20 +533,23 @@ class Writer:
             self._emit(chunk.data)
         return h.intdigest() if self._checksum else 0
 
-    def _hash_emit(self, data: memoryview, h: Any) -> None:
-        """Write ``data``, hashing it (when checksums are on) one cache-sized piece before each write."""
+    def _hash_emit(self, data: memoryview, h: Any, trail: _TrailingHasher | None = None) -> None:
+        """Write ``data``, hashing it (when checksums are on) one cache-sized piece before each write, or,
+        with ``trail``, queueing each piece for the trailing hasher once it is written."""
         n = len(data)
-        if n < SMALL_BLOB:
+        if n < SMALL_BLOB and trail is None:
             if self._checksum:
                 h.update(data)
             self._emit(data)
             return
-        do_sum = self._checksum
+        do_sum, row = self._checksum and trail is None, len(self._sums)
         for start in range(0, n, HASH_PIECE):
             piece = data[start : start + HASH_PIECE]
             if do_sum:
                 h.update(piece)
             self._direct(piece)
+            if trail is not None:
+                trail.add(row, piece, start + HASH_PIECE >= n)
             if self._progress is not None:
                 self._advance(len(piece))
 
@@ -558,16 +561,6 @@ class Writer:
                 return None
             self._trail = _TrailingHasher()
         return self._trail
-
-    def _trail_emit(self, data: memoryview, trail: _TrailingHasher) -> None:
-        """Write ``data`` a piece at a time, queueing each piece for the trailing hasher once written."""
-        row, n = len(self._sums), len(data)
-        for start in range(0, n, HASH_PIECE):
-            piece = data[start : start + HASH_PIECE]
-            self._direct(piece)
-            trail.add(row, piece, start + HASH_PIECE >= n)
-            if self._progress is not None:
-                self._advance(len(piece))
 
     def _settle_sums(self) -> None:
         """Put the trailing hasher's digests into the checksum column."""
